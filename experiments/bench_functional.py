@@ -83,6 +83,7 @@ def time_bnb(size, iters, repeats):
         samples.append((time.perf_counter() - s) / iters)
     return statistics.median(samples)
 
+  x32 = x.float()
   q4, s4 = bF.quantize_4bit(x, blocksize=64, quant_type="nf4")
   q8, s8 = bF.quantize_blockwise(x, blocksize=256)
   return {
@@ -90,7 +91,7 @@ def time_bnb(size, iters, repeats):
       "dequantize_4bit nf4": t(lambda: bF.dequantize_4bit(q4, s4)),
       "quantize_blockwise": t(lambda: bF.quantize_blockwise(x, blocksize=256)),
       "dequantize_blockwise": t(lambda: bF.dequantize_blockwise(q8, s8)),
-      "bf16 cast (fp32->bf16)": t(lambda: x.float().to(torch.bfloat16)),
+      "bf16 cast (fp32->bf16)": t(lambda: x32.to(torch.bfloat16)),
   }, f"bitsandbytes on {dev}"
 
 

@@ -61,8 +61,10 @@ def nearest_code(v: jax.Array, code: jax.Array) -> jax.Array:
   pivot = jnp.full(v.shape, top // 2, jnp.int32)
   lower_pivot = jnp.zeros(v.shape, jnp.int32)
   upper_pivot = jnp.full(v.shape, top, jnp.int32)
-  val = code[pivot]
-  lower, upper = jnp.full(v.shape, code[0]), jnp.full(v.shape, code[top])
+  # Scalars broadcast (not code[pivot]): a gather at constant indices from a constant table
+  # would be constant-folded into an array the size of the input.
+  val = jnp.broadcast_to(code[top // 2], v.shape)
+  lower, upper = jnp.broadcast_to(code[0], v.shape), jnp.broadcast_to(code[top], v.shape)
   step = (top + 1) // 4
   while step > 0:
     right = v > val
