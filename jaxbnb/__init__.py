@@ -1,12 +1,22 @@
 """jaxbnb: bitsandbytes in pure JAX/XLA.
 
 k-bit quantization (8-bit dynamic blockwise, NF4/FP4 with double quantization, LLM.int8()),
-bit-compatible with bitsandbytes 0.50.2.
+bit-compatible with bitsandbytes 0.50.2; quantized matmuls with autodiff; ``quantize(params)``
+for any Flax model and ``intercept`` to run unmodified models on the packed weights.
 """
 
 from jaxbnb import functional
+from jaxbnb.config import BitsAndBytesConfig
 from jaxbnb.functional import QuantState
+from jaxbnb.intercept import intercept
+from jaxbnb.ops import int8_matmul, matmul, matmul_4bit, qdot_general
+from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray, is_quantized
+from jaxbnb.tree import dequantize, memory_footprint, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantState", "functional"]
+__all__ = [
+    "BitsAndBytesConfig", "QuantState", "Quantized4bit", "Quantized8bit", "QuantizedArray",
+    "dequantize", "functional", "int8_matmul", "intercept", "is_quantized", "matmul",
+    "matmul_4bit", "memory_footprint", "qdot_general", "quantize",
+]

@@ -1,0 +1,194 @@
+"""Run unmodified Flax (NNX, Linen) — or any JAX — code on quantized params.
+
+``intercept(fn)`` traces ``fn`` with float stand-ins for the quantized leaves, then evaluates
+the traced program with the packed weights: a ``dot_general`` that consumes a quantized weight
+becomes :func:`jaxbnb.ops.qdot_general` (4-bit, or LLM.int8() for the usual ``x @ kernel``),
+an embedding lookup (``gather`` of rows) dequantizes only the rows it reads, and layout-only ops
+on the way (dtype casts, transposes, ``jit`` boundaries, ``jax.checkpoint``) are followed
+without touching the data. Any other use of a quantized weight dequantizes it for that op and
+warns, so a slow path is never silent.
+
+  forward = jaxbnb.intercept(model.apply)               # Linen
+  y = jax.jit(forward)(qvariables, x)
+
+  graphdef, state = nnx.split(model)                     # NNX
+  forward = jaxbnb.intercept(lambda s, x: nnx.merge(graphdef, s)(x))
+  y = jax.jit(forward)(jaxbnb.quantize(state, cfg), x)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from jaxbnb.ops import qdot_general
+from jaxbnb.qtensor import QuantizedArray, is_quantized
+
+
+@dataclasses.dataclass(frozen=True)
+class _QRef:
+  """A quantized weight as the traced program sees it: logical array, then ``perm``, in
+  ``dtype``."""
+
+  leaf: QuantizedArray
+  perm: Optional[tuple[int, ...]] = None
+  dtype: Any = None
+
+  @property
+  def view_dtype(self):
+    return self.dtype or self.leaf.dtype
+
+  def materialize(self, why: str) -> jax.Array:
+    warnings.warn(f"jaxbnb.intercept: a quantized weight of shape {self.leaf.shape} is used by "
+                  f"`{why}`, which has no quantized rule; it was dequantized for this op "
+                  "(slower, and a float copy lives while the op runs)", stacklevel=2)
+    w = self.leaf.dequantize(self.view_dtype)
+    return w if self.perm is None else jnp.transpose(w, self.perm)
+
+
+jax.tree_util.register_dataclass(_QRef, data_fields=["leaf"], meta_fields=["perm", "dtype"])
+
+
+def intercept(fn: Callable) -> Callable:
+  """Wrap ``fn`` so that its arguments may hold quantized leaves (from ``jaxbnb.quantize``).
+
+  Returns a function with ``fn``'s signature and outputs. Array leaves of the arguments are
+  traced; other leaves (Python scalars, strings, ...) are passed through as constants. Jit the
+  result for speed (tracing happens on every un-jitted call).
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_quantized)
+    if not any(is_quantized(leaf) for leaf in leaves):
+      return fn(*args, **kwargs)
+    is_arr = [is_quantized(x) or isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    arrays = [x for x, a in zip(leaves, is_arr) if a]
+
+    def flat_fn(*vals):
+      it = iter(vals)
+      full = [next(it) if a else x for x, a in zip(leaves, is_arr)]
+      a, k = jax.tree.unflatten(treedef, full)
+      return fn(*a, **k)
+
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
+    inputs = [_QRef(x) if is_quantized(x) else x for x in arrays]
+    outs = _eval(closed.jaxpr, closed.consts, inputs)
+    outs = [o.materialize("return") if isinstance(o, _QRef) else o for o in outs]
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+  return wrapped
+
+
+def _eval(jaxpr, consts, args):
+  env: dict = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+  for v, a in zip(jaxpr.invars, args):
+    env[v] = a
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(isinstance(x, _QRef) for x in invals):
+      outvals = _quantized_rule(eqn, invals)
+    else:
+      with eqn.ctx.manager:
+        outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+      if not eqn.primitive.multiple_results:
+        outvals = [outvals]
+    for v, val in zip(eqn.outvars, outvals):
+      env[v] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _quantized_rule(eqn, invals):
+  name = eqn.primitive.name
+  if name in ("pjit", "jit", "closed_call", "core_call"):
+    inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+    if hasattr(inner, "jaxpr"):
+      return _eval(inner.jaxpr, inner.consts, invals)
+    return _eval(inner, (), invals)
+  if name in ("checkpoint", "remat"):
+    inner = eqn.params["jaxpr"]
+    body = lambda *vals: _eval(inner, (), list(vals))
+    return jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
+                          policy=eqn.params.get("policy"))(*invals)
+  if name == "convert_element_type":
+    ref = invals[0]
+    return [dataclasses.replace(ref, dtype=np.dtype(eqn.params["new_dtype"]))]
+  if name in ("copy", "copy_p", "optimization_barrier") and len(invals) == 1:
+    return [invals[0]]
+  if name == "transpose":
+    ref = invals[0]
+    perm = tuple(eqn.params["permutation"])
+    base = ref.perm or tuple(range(ref.leaf.ndim))
+    return [dataclasses.replace(ref, perm=tuple(base[p] for p in perm))]
+  if name == "dot_general" and sum(isinstance(x, _QRef) for x in invals) == 1:
+    return [_dot(eqn, *invals)]
+  if name == "gather" and isinstance(invals[0], _QRef):
+    rows = _row_gather(eqn, *invals)
+    if rows is not None:
+      return [rows]
+  vals = [x.materialize(name) if isinstance(x, _QRef) else x for x in invals]
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+  return out if eqn.primitive.multiple_results else [out]
+
+
+def _dot(eqn, lhs, rhs):
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  out_dtype = eqn.outvars[0].aval.dtype
+  w_is_lhs = isinstance(lhs, _QRef)
+  ref, x = (lhs, rhs) if w_is_lhs else (rhs, lhs)
+  wc, wb = (lc, lb) if w_is_lhs else (rc, rb)
+  perm = ref.perm or tuple(range(ref.leaf.ndim))
+  # Map the contracting/batch axes of the view back onto the logical array's axes.
+  wc_log = tuple(perm[i] for i in wc)
+  wb_log = tuple(perm[i] for i in wb)
+  wfree_view = [i for i in range(len(perm)) if i not in wc and i not in wb]
+  want = [perm[i] for i in wfree_view]          # logical axes in the order the view has them
+  have = sorted(want)                           # the order a logical-layout dot produces
+  if w_is_lhs:
+    dims = ((wc_log, tuple(rc)), (wb_log, tuple(rb)))
+  else:
+    dims = ((tuple(lc), wc_log), (tuple(lb), wb_log))
+  y = qdot_general(ref.leaf if w_is_lhs else x, x if w_is_lhs else ref.leaf, dims,
+                   out_dtype=out_dtype)
+  if want != have:
+    nb, nw = len(wb), len(want)
+    nx = y.ndim - nb - nw
+    start = nb if w_is_lhs else nb + nx
+    order = [have.index(a) for a in want]
+    axes = list(range(y.ndim))
+    axes[start:start + nw] = [start + o for o in order]
+    y = jnp.transpose(y, axes)
+  return y
+
+
+def _row_gather(eqn, ref: _QRef, indices):
+  """``table[ids]`` on a (rows, ...) quantized table: dequantize only the rows read."""
+  leaf = ref.leaf
+  dn = eqn.params["dimension_numbers"]
+  slice_sizes = tuple(eqn.params["slice_sizes"])
+  if (ref.perm is not None or leaf.transposed or leaf.ndim != 2
+      or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+      or slice_sizes != (1, leaf.shape[1]) or tuple(dn.offset_dims) != (indices.ndim - 1,)
+      or getattr(dn, "operand_batching_dims", ()) or indices.shape[-1] != 1):
+    return None
+  n_cols = leaf.matrix_shape[1]
+  bs = getattr(getattr(leaf, "state", None), "blocksize", 1)
+  if n_cols % bs:
+    return None
+  rows = jnp.clip(indices[..., 0], 0, leaf.shape[0] - 1)
+  return leaf.dequantize_rows(rows, ref.view_dtype).astype(eqn.outvars[0].aval.dtype)

@@ -1,0 +1,262 @@
+"""Matmuls on quantized weights, with autodiff w.r.t. the float operand.
+
+Every op is a ``jax.custom_vjp`` whose backward pass re-dequantizes the weight instead of
+saving a float copy (QLoRA's memory rests on this). The weight itself gets no gradient: it is
+frozen, packed data.
+
+``backend``: ``"xla"`` (this module, runs everywhere) or ``"auto"``; Pallas GPU kernels plug
+into :func:`_dispatch` when they land.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbnb.functional import int8 as _int8
+from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray
+
+_BACKENDS = ("auto", "xla")
+
+DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
+                         tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _check_backend(backend: str) -> None:
+  if backend not in _BACKENDS:
+    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r} (the Pallas "
+                     "kernels are not in this release yet)")
+
+
+def _compute_dtype(x_dtype, w: QuantizedArray):
+  if isinstance(w, Quantized4bit):
+    return w.compute_dtype
+  # LLM.int8(): the 16-bit parts run in the input's precision, like bnb (fp16 there).
+  return x_dtype
+
+
+# --- generic: any dot_general with a quantized operand (dequantize, then dot) -----------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qdot(x, w, dims, w_is_lhs, out_dtype):
+  return _qdot_fwd_impl(x, w, dims, w_is_lhs, out_dtype)
+
+
+def _qdot_fwd_impl(x, w, dims, w_is_lhs, out_dtype):
+  cd = _compute_dtype(x.dtype, w)
+  wd = w.dequantize(cd)
+  xc = x.astype(cd)
+  lhs, rhs = (wd, xc) if w_is_lhs else (xc, wd)
+  y = jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
+def _qdot_fwd(x, w, dims, w_is_lhs, out_dtype):
+  return _qdot_fwd_impl(x, w, dims, w_is_lhs, out_dtype), (w, jax.ShapeDtypeStruct(
+      x.shape, x.dtype))
+
+
+def _qdot_bwd(dims, w_is_lhs, out_dtype, res, g):
+  w, x_spec = res
+  # d/dx of a linear map: transpose it, with the weight dequantized again (not saved).
+  f = lambda x: _qdot_fwd_impl(x, w, dims, w_is_lhs, out_dtype)
+  (dx,) = jax.linear_transpose(f, x_spec)(g)
+  return dx, None  # the packed weight is frozen: no cotangent
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+
+
+def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=None,
+                 backend: str = "auto") -> jax.Array:
+  """``lax.dot_general`` where one operand is a quantized leaf (its logical array is used).
+
+  The output dtype defaults to the float operand's. Differentiable w.r.t. the float operand.
+  """
+  _check_backend(backend)
+  w_is_lhs = isinstance(lhs, QuantizedArray)
+  if w_is_lhs == isinstance(rhs, QuantizedArray):
+    raise TypeError("qdot_general needs exactly one quantized operand")
+  x, w = (rhs, lhs) if w_is_lhs else (lhs, rhs)
+  dims = jax.tree.map(int, dimension_numbers)
+  dims = (tuple(map(tuple, dims[0])), tuple(map(tuple, dims[1])))
+  if isinstance(w, Quantized8bit) and not w_is_lhs:
+    int8_case = _as_int8_linear(x, w, dims)
+    if int8_case is not None:
+      return int8_case(out_dtype or x.dtype)
+  return _qdot(x, w, dims, w_is_lhs, np.dtype(out_dtype or x.dtype))
+
+
+# --- 4-bit: y = x @ W.T (+ bias) ----------------------------------------------------------------
+
+
+def matmul_4bit(x: jax.Array, w: Quantized4bit, bias: Optional[jax.Array] = None, *,
+                backend: str = "auto") -> jax.Array:
+  """``x @ W.T + bias`` for a 4-bit weight ``W`` stored ``(out, in)`` (bnb's ``matmul_4bit``).
+
+  Args:
+    x: ``(..., in)`` float input.
+    w: :class:`Quantized4bit` leaf (a Flax kernel leaf behaves as its ``(in, out)`` kernel).
+    bias: optional ``(out,)``.
+
+  Returns:
+    ``(..., out)`` in ``x.dtype``; computed in ``w.compute_dtype`` with float32 accumulation.
+  """
+  if not isinstance(w, Quantized4bit):
+    raise TypeError(f"matmul_4bit expects a Quantized4bit weight; got {type(w).__name__}")
+  return _linear(x, w, bias, backend)
+
+
+def _linear(x, w, bias, backend):
+  n_out, n_in = w.matrix_shape
+  if x.shape[-1] != n_in:
+    raise ValueError(f"input has {x.shape[-1]} features; the weight expects {n_in}")
+  # Contract x's last axis with the input axes of the logical array.
+  if w.transposed:
+    x2 = x.reshape(*x.shape[:-1], *w.shape[:w.n_in])
+    dims = ((tuple(range(x.ndim - 1, x2.ndim)), tuple(range(w.n_in))), ((), ()))
+  else:
+    x2 = x.reshape(*x.shape[:-1], *w.shape[1:])
+    dims = ((tuple(range(x.ndim - 1, x2.ndim)), tuple(range(1, w.ndim))), ((), ()))
+  y = qdot_general(x2, w, dims, out_dtype=jnp.float32, backend=backend)
+  y = y.reshape(*x.shape[:-1], n_out)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+# --- LLM.int8() ---------------------------------------------------------------------------------
+
+
+def int8_matmul(x: jax.Array, w: Quantized8bit, bias: Optional[jax.Array] = None, *,
+                threshold: Optional[float] = None, max_outlier_cols: int = 256,
+                backend: str = "auto") -> jax.Array:
+  """LLM.int8(): ``x @ W.T + bias`` with the int8 weight ``W`` (bnb's ``Linear8bitLt``).
+
+  ``x`` is quantized vector-wise (per row) to int8 except its outlier columns (any
+  ``|x| >= threshold``), which are multiplied in 16-bit with the dequantized weight columns
+  ``CB * SCB / 127`` and added (the mixed-precision decomposition). The int8 product
+  accumulates exactly in int32 and is scaled by ``row_absmax(x) * SCB / 127**2``.
+
+  Up to ``max_outlier_cols`` outlier columns are gathered (static shapes); more than that
+  switches, inside the same jit, to a masked 16-bit product over all columns (correct, slower).
+
+  Returns:
+    ``(..., out)`` in ``x.dtype``.
+  """
+  _check_backend(backend)
+  if not isinstance(w, Quantized8bit):
+    raise TypeError(f"int8_matmul expects a Quantized8bit weight; got {type(w).__name__}")
+  n_out, n_in = w.matrix_shape
+  if x.shape[-1] != n_in:
+    raise ValueError(f"input has {x.shape[-1]} features; the weight expects {n_in}")
+  thr = w.threshold if threshold is None else float(threshold)
+  y = _int8_linear(x.reshape(-1, n_in), w, bias, thr, int(max_outlier_cols))
+  return y.reshape(*x.shape[:-1], n_out)
+
+
+def _as_int8_linear(x, w, dims):
+  """The LLM.int8() path when ``dims`` contract x's last axis with the weight's input axes."""
+  (xc, wc), (xb, wb) = dims
+  in_axes = tuple(range(w.n_in)) if w.transposed else tuple(range(1, w.ndim))
+  n_in_axes = len(in_axes)
+  if xb or wb or tuple(wc) != in_axes or tuple(xc) != tuple(range(x.ndim - n_in_axes, x.ndim)):
+    return None
+  out_axes = w.shape[w.n_in:] if w.transposed else w.shape[:1]
+  lead = x.shape[:x.ndim - n_in_axes]
+
+  def run(out_dtype):
+    y = int8_matmul(x.reshape(*lead, -1), w)
+    return y.reshape(*lead, *out_axes).astype(out_dtype)
+  return run
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _int8_linear(x, w, bias, threshold, max_outlier_cols):
+  return _int8_linear_impl(x, w, bias, threshold, max_outlier_cols)
+
+
+def _int8_linear_impl(x, w, bias, threshold, max_cols):
+  cq, row_absmax, outlier_cols = _int8.int8_vectorwise_quant(x, threshold)
+  acc = jax.lax.dot_general(cq, w.CB, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  # bnb's int8_mm_dequant: acc * row_stats * col_stats / 127^2, in float32.
+  y = acc.astype(jnp.float32) * row_absmax[:, None] * w.SCB[None, :] * jnp.float32(
+      1 / (127 * 127))
+  if threshold > 0:
+    y = y + _outlier_product(x, w, outlier_cols, max_cols)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def _outlier_product(x, w, outlier_cols, max_cols):
+  """16-bit ``x[:, cols] @ W[:, cols].T`` over the outlier columns, float32 accumulation."""
+  n_in = x.shape[-1]
+  k = min(max_cols, n_in)
+
+  def gathered(_):
+    idx = jnp.nonzero(outlier_cols, size=k, fill_value=0)[0]
+    valid = jnp.arange(k) < jnp.sum(outlier_cols)
+    sub_x = jnp.where(valid[None, :], x[:, idx], 0)
+    sub_w = (w.CB[:, idx].astype(jnp.float32) * (w.SCB[:, None] * jnp.float32(1 / 127)))
+    return jax.lax.dot_general(sub_x, sub_w.astype(x.dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+  def masked(_):
+    sub_x = jnp.where(outlier_cols[None, :], x, 0)
+    return jax.lax.dot_general(sub_x, w.dequantize_matrix(x.dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+  if k == n_in:
+    return masked(None)
+  return jax.lax.cond(jnp.sum(outlier_cols) <= k, gathered, masked, None)
+
+
+def _int8_linear_fwd(x, w, bias, threshold, max_cols):
+  out = _int8_linear_impl(x, w, bias, threshold, max_cols)
+  return out, (w, bias is not None, jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+
+def _int8_linear_bwd(threshold, max_cols, res, g):
+  w, has_bias, x_spec = res
+  # bnb's backward: grad_x = g @ (CB * SCB / 127) in the input dtype.
+  dx = jax.lax.dot_general(g.astype(x_spec.dtype), w.dequantize_matrix(x_spec.dtype),
+                           (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  dbias = jnp.sum(g.astype(jnp.float32), axis=0) if has_bias else None
+  return dx.astype(x_spec.dtype), None, dbias
+
+
+_int8_linear.defvjp(_int8_linear_fwd, _int8_linear_bwd)
+
+
+# --- generic entry point ------------------------------------------------------------------------
+
+
+def matmul(x: jax.Array, w: Any, bias: Optional[jax.Array] = None, *,
+           backend: str = "auto") -> jax.Array:
+  """``x @ w (+ bias)`` where ``w`` is a quantized Flax kernel ``(in, out)`` (or a plain array).
+
+  Computed from the packed form: 4-bit through :func:`matmul_4bit`, 8-bit through LLM.int8()
+  (:func:`int8_matmul`, the config's threshold). ``w``'s logical layout decides which axis is
+  contracted: ``matmul(x, w) == x @ jaxbnb.dequantize(w)``.
+  """
+  if not isinstance(w, QuantizedArray):
+    y = x @ w
+    return y if bias is None else y + bias
+  if w.ndim != 2:
+    n_lead = x.ndim - 1
+    dims = (((n_lead,), (0,)), ((), ()))
+    y = qdot_general(x, w, dims, backend=backend)
+    return y if bias is None else y + bias
+  if w.transposed:  # a Flax kernel: its (out, in) matrix is what bnb's linear uses
+    return (matmul_4bit(x, w, bias, backend=backend) if isinstance(w, Quantized4bit)
+            else int8_matmul(x, w, bias, backend=backend))
+  # A bnb-layout (out, in) leaf used as x @ W: contract over its first axis.
+  y = qdot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), backend=backend)
+  return y if bias is None else y + bias

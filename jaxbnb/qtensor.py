@@ -1,0 +1,192 @@
+"""Quantized leaves: the packed weights that replace float arrays in a params pytree.
+
+Each leaf stores a 2-D matrix ``W`` in bitsandbytes' ``(out, in)`` row-major layout (so bnb
+checkpoints load without re-quantization) and remembers how to give back the original array
+(its *logical* view): a Flax kernel ``(in..., out...)`` is ``W.T`` reshaped
+(``transposed=True``, ``n_in`` leading input axes); an embedding table ``(vocab, dim)`` or a
+torch-style weight ``(out, in...)`` is ``W`` reshaped (``transposed=False``).
+
+Arrays are pytree leaves; everything else is static aux data, so leaves pass through
+``jax.jit``, sharding and Orbax like the arrays they replace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbnb.functional import QuantState
+from jaxbnb.functional import fourbit as _fourbit
+from jaxbnb.functional import int8 as _int8
+from jaxbnb.functional.blockwise import unnest_absmax
+
+
+def _matrix_shape(shape: tuple[int, ...], transposed: bool, n_in: int) -> tuple[int, int]:
+  """(out, in) of the bnb matrix behind a logical array of ``shape``."""
+  if transposed:
+    return math.prod(shape[n_in:]), math.prod(shape[:n_in])
+  return shape[0], math.prod(shape[1:])
+
+
+def _to_matrix(x: jax.Array, transposed: bool, n_in: int) -> jax.Array:
+  rows, cols = _matrix_shape(x.shape, transposed, n_in)
+  return x.reshape(cols, rows).T if transposed else x.reshape(rows, cols)
+
+
+def _from_matrix(w: jax.Array, shape, transposed: bool) -> jax.Array:
+  return w.T.reshape(shape) if transposed else w.reshape(shape)
+
+
+class QuantizedArray:
+  """Common interface of quantized leaves (array-like metadata, dequantize)."""
+
+  shape: tuple[int, ...]
+  dtype: Any
+  transposed: bool
+  n_in: int
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually held (packed data and every quantization constant)."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
+
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    """``(out, in)`` of the stored bnb-layout matrix."""
+    return _matrix_shape(self.shape, self.transposed, self.n_in)
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The logical array (original shape), in ``dtype`` (default: the original dtype)."""
+    w = self.dequantize_matrix(dtype)
+    return _from_matrix(w, self.shape, self.transposed)
+
+  def dequantize_matrix(self, dtype=None) -> jax.Array:  # pragma: no cover - abstract
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized4bit(QuantizedArray):
+  """An NF4/FP4 weight. ``packed``/``state`` are exactly bitsandbytes' ``Params4bit`` data.
+
+  Attributes:
+    packed: ``(nbytes // itemsize, 1)`` packed codes (``quant_storage`` dtype).
+    state: ``QuantState`` of the ``(out, in)`` matrix (blocks run along ``in``).
+    shape, dtype: the logical array's shape and dtype (static).
+    transposed, n_in: how the logical array maps to the matrix (see module docstring).
+    compute_dtype: dtype the matmul runs in (static).
+  """
+
+  packed: jax.Array
+  state: QuantState
+  shape: tuple[int, ...] = ()
+  dtype: Any = np.dtype(np.float32)
+  transposed: bool = True
+  n_in: int = 1
+  compute_dtype: Any = np.dtype(np.float32)
+
+  @property
+  def quant_type(self) -> str:
+    return self.state.quant_type
+
+  def dequantize_matrix(self, dtype=None) -> jax.Array:
+    w = _fourbit.dequantize_4bit(self.packed, self.state)
+    return w.astype(dtype or self.dtype)
+
+  def dequantize_rows(self, rows: jax.Array, dtype=None) -> jax.Array:
+    """Rows ``W[rows]`` of the ``(out, in)`` matrix, reading only their blocks.
+
+    Needs ``in % blocksize == 0`` so that every row is whole blocks (true for embeddings of
+    any usual width at blocksize <= 64); ``rows``: int ``(...)`` -> ``(..., in)``.
+    """
+    n_rows, n_cols = self.matrix_shape
+    bs = self.state.blocksize
+    if n_cols % bs or n_cols % 2:
+      raise ValueError(f"row lookup needs the row length {n_cols} to be a multiple of the "
+                       f"blocksize {bs}")
+    packed = _fourbit.storage_bytes(self.packed)[: n_rows * n_cols // 2]
+    packed = packed.reshape(n_rows, n_cols // 2)[rows]
+    absmax = unnest_absmax(self.state).reshape(n_rows, n_cols // bs)[rows]
+    codes = _fourbit.unpack_nibbles(packed.reshape(-1)).astype(jnp.int32)
+    values = self.state.code.astype(jnp.float32)[codes]
+    if self.state.quant_type == "fp4":
+      values = jnp.where(codes >= 8, -jnp.abs(values), values)
+    values = values.reshape(*absmax.shape[:-1], n_cols // bs, bs) * absmax[..., None]
+    return values.reshape(*rows.shape, n_cols).astype(self.state.dtype).astype(
+        dtype or self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized8bit(QuantizedArray):
+  """An LLM.int8() weight: bitsandbytes' ``Int8Params`` ``CB`` (int8 ``(out, in)``) and ``SCB``
+  (float32 ``(out,)``, the absmax of each output feature's row).
+
+  ``threshold`` (static) is the activation outlier threshold used in matmuls.
+  """
+
+  CB: jax.Array
+  SCB: jax.Array
+  shape: tuple[int, ...] = ()
+  dtype: Any = np.dtype(np.float32)
+  transposed: bool = True
+  n_in: int = 1
+  threshold: float = 6.0
+
+  def dequantize_matrix(self, dtype=None) -> jax.Array:
+    # bnb: CB * (SCB / 127), in float32.
+    w = self.CB.astype(jnp.float32) * (self.SCB[:, None] * jnp.float32(1 / 127))
+    return w.astype(dtype or self.dtype)
+
+  def dequantize_rows(self, rows: jax.Array, dtype=None) -> jax.Array:
+    """Rows ``W[rows]`` of the ``(out, in)`` matrix: int ``(...)`` -> ``(..., in)``."""
+    w = self.CB[rows].astype(jnp.float32) * (self.SCB[rows][..., None] * jnp.float32(1 / 127))
+    return w.astype(dtype or self.dtype)
+
+
+for _cls, _data in ((Quantized4bit, ["packed", "state"]), (Quantized8bit, ["CB", "SCB"])):
+  jax.tree_util.register_dataclass(
+      _cls, data_fields=_data,
+      meta_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _data])
+
+
+def is_quantized(x) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def quantize_4bit_array(x: jax.Array, *, transposed: bool, n_in: int = 1, blocksize: int = 64,
+                        quant_type: str = "nf4", compress_statistics: bool = False,
+                        quant_storage=jnp.uint8, compute_dtype=jnp.float32) -> Quantized4bit:
+  """Quantize a logical array (e.g. a Flax kernel) to a :class:`Quantized4bit` leaf."""
+  packed, state = _fourbit.quantize_4bit(
+      _to_matrix(jnp.asarray(x), transposed, n_in), blocksize=blocksize, quant_type=quant_type,
+      compress_statistics=compress_statistics, quant_storage=quant_storage)
+  return Quantized4bit(packed=packed, state=state, shape=tuple(x.shape),
+                       dtype=np.dtype(x.dtype), transposed=transposed, n_in=n_in,
+                       compute_dtype=np.dtype(compute_dtype))
+
+
+def quantize_8bit_array(x: jax.Array, *, transposed: bool, n_in: int = 1,
+                        threshold: float = 6.0) -> Quantized8bit:
+  """Quantize a logical array to a :class:`Quantized8bit` leaf (row-wise int8, bnb's CB/SCB).
+
+  Like bnb's ``Int8Params``, a float32/float16 weight is rounded to float16 first; bfloat16
+  weights are quantized from their own values (float16 could overflow them).
+  """
+  w = _to_matrix(jnp.asarray(x), transposed, n_in)
+  if w.dtype != jnp.bfloat16:
+    w = w.astype(jnp.float16)
+  cb, scb, _ = _int8.int8_vectorwise_quant(w)
+  return Quantized8bit(CB=cb, SCB=scb, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
+                       transposed=transposed, n_in=n_in, threshold=float(threshold))

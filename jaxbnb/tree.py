@@ -1,0 +1,143 @@
+"""``quantize`` / ``dequantize`` / ``memory_footprint`` over any params pytree.
+
+Which leaves are quantized (transformers' rule, by leaf name):
+  * ``kernel`` (Flax ``Dense``/``DenseGeneral``/``Einsum``/NNX ``Linear``, ``(in..., out...)``):
+    quantized as a linear weight, blocks along its input axis (bnb's ``(out, in)`` order);
+  * ``weight`` of rank >= 2 (torch-style ``(out, in)`` dicts): quantized as is;
+  * ``embedding`` (``nn.Embed``/``nnx.Embed`` tables): only with ``quantize_embeddings=True``;
+  * everything else (biases, norms, scalars, integer leaves) is left alone, as are paths
+    matching ``llm_int8_skip_modules``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbnb.config import BitsAndBytesConfig
+from jaxbnb.qtensor import (Quantized4bit, Quantized8bit, QuantizedArray, is_quantized,
+                            quantize_4bit_array, quantize_8bit_array)
+
+
+def path_str(path) -> str:
+  """Dotted name of a pytree key path, e.g. ``layers.0.attn.kernel`` (NNX ``.value`` dropped)."""
+  parts = []
+  for k in path:
+    name = getattr(k, "key", None)
+    if name is None:
+      name = getattr(k, "name", None)
+    if name is None:
+      name = getattr(k, "idx", k)
+    parts.append(str(name))
+  if parts and parts[-1] in ("value", "raw_value"):
+    parts.pop()
+  return ".".join(parts)
+
+
+def _matches(pattern: str, path: str) -> bool:
+  if any(c in pattern for c in "*?["):
+    return fnmatch.fnmatchcase(path, pattern)
+  parts = path.split(".")
+  want = pattern.split(".")
+  return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
+
+
+def _layout(name: str, leaf, cfg: BitsAndBytesConfig) -> Optional[tuple[bool, int]]:
+  """(transposed, n_in) for a quantizable leaf, or None."""
+  if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+    return None
+  if leaf.ndim < 2:
+    return None
+  if name == "kernel":
+    return True, 1
+  if name == "weight":
+    return False, 1
+  if name == "embedding" and cfg.quantize_embeddings:
+    return False, 1
+  return None
+
+
+def _quantize_leaf(leaf, transposed: bool, n_in: int, cfg: BitsAndBytesConfig):
+  if cfg.load_in_4bit:
+    return quantize_4bit_array(
+        leaf, transposed=transposed, n_in=n_in, blocksize=cfg.blocksize,
+        quant_type=cfg.bnb_4bit_quant_type, compress_statistics=cfg.bnb_4bit_use_double_quant,
+        quant_storage=cfg.bnb_4bit_quant_storage, compute_dtype=cfg.bnb_4bit_compute_dtype)
+  return quantize_8bit_array(leaf, transposed=transposed, n_in=n_in,
+                             threshold=cfg.llm_int8_threshold)
+
+
+def _check_already(leaf: QuantizedArray, path: str, cfg: BitsAndBytesConfig) -> None:
+  want = "4bit" if cfg.load_in_4bit else "8bit"
+  have = "4bit" if isinstance(leaf, Quantized4bit) else "8bit"
+  if want != have or (have == "4bit" and leaf.quant_type != cfg.bnb_4bit_quant_type):
+    raise ValueError(f"{path} is already quantized ({type(leaf).__name__}"
+                     f"{', ' + leaf.quant_type if have == '4bit' else ''}); it will not be "
+                     f"quantized twice. Call jaxbnb.dequantize(tree) first to change format.")
+
+
+def quantize(params: Any, config: BitsAndBytesConfig, *,
+             predicate: Optional[Callable[[str, Any], bool]] = None) -> Any:
+  """Replace the linear-layer weights of ``params`` by quantized leaves.
+
+  Args:
+    params: any pytree (Flax NNX ``State``, Linen variables, plain dicts of arrays).
+    config: a :class:`BitsAndBytesConfig`.
+    predicate: optional ``(path, leaf) -> bool`` that further restricts which eligible leaves
+      are quantized (``path`` is the dotted name, e.g. ``"encoder.layer.0.kernel"``).
+
+  Returns:
+    A tree of the same structure; quantized leaves are :class:`Quantized4bit` /
+    :class:`Quantized8bit`. Already quantized leaves are kept as they are (never quantized
+    twice). Works under ``jax.jit`` (quantization then runs on the device).
+  """
+  if not isinstance(config, BitsAndBytesConfig):
+    raise TypeError("quantize(params, config) needs a jaxbnb.BitsAndBytesConfig")
+  used = set()
+
+  def one(path, leaf):
+    name = path_str(path)
+    if is_quantized(leaf):
+      _check_already(leaf, name, config)
+      return leaf
+    last = name.rsplit(".", 1)[-1]
+    layout = _layout(last, leaf, config)
+    if layout is None:
+      return leaf
+    hit = [p for p in config.llm_int8_skip_modules if _matches(p, name)]
+    if hit:
+      used.update(hit)
+      return leaf
+    if predicate is not None and not predicate(name, leaf):
+      return leaf
+    return _quantize_leaf(leaf, *layout, config)
+
+  out = jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
+  unused = [p for p in config.llm_int8_skip_modules if p not in used and p != "lm_head"]
+  if unused:
+    warnings.warn(f"llm_int8_skip_modules patterns matched no quantizable leaf: {unused}",
+                  stacklevel=2)
+  return out
+
+
+def dequantize(tree: Any) -> Any:
+  """Float arrays back in place of every quantized leaf (original shape and dtype)."""
+  return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, tree,
+                      is_leaf=is_quantized)
+
+
+def memory_footprint(tree: Any) -> int:
+  """Bytes actually held by the arrays of ``tree`` (packed data, absmax, codebooks, ...)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if hasattr(leaf, "nbytes"):
+      total += int(leaf.nbytes)
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+  return total
