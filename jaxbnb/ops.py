@@ -11,6 +11,7 @@ into :func:`_dispatch` when they land.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -24,6 +25,14 @@ _BACKENDS = ("auto", "xla")
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
                          tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _dot_f32(lhs, rhs, dims):
+  """dot_general with float32 accumulation. XLA:CPU has no 16-bit x 16-bit -> f32 dot, so there
+  the operands are widened first (exact: 16-bit products fit float32)."""
+  if jax.default_backend() == "cpu" and lhs.dtype.itemsize < 4:
+    lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+  return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
 def _check_backend(backend: str) -> None:
@@ -52,8 +61,7 @@ def _qdot_fwd_impl(x, w, dims, w_is_lhs, out_dtype):
   wd = w.dequantize(cd)
   xc = x.astype(cd)
   lhs, rhs = (wd, xc) if w_is_lhs else (xc, wd)
-  y = jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
-  return y.astype(out_dtype)
+  return _dot_f32(lhs, rhs, dims).astype(out_dtype)
 
 
 def _qdot_fwd(x, w, dims, w_is_lhs, out_dtype):
@@ -85,10 +93,15 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
   x, w = (rhs, lhs) if w_is_lhs else (lhs, rhs)
   dims = jax.tree.map(int, dimension_numbers)
   dims = (tuple(map(tuple, dims[0])), tuple(map(tuple, dims[1])))
-  if isinstance(w, Quantized8bit) and not w_is_lhs:
-    int8_case = _as_int8_linear(x, w, dims)
+  if isinstance(w, Quantized8bit):
+    int8_case = None if w_is_lhs else _as_int8_linear(x, w, dims)
     if int8_case is not None:
       return int8_case(out_dtype or x.dtype)
+    warnings.warn(
+        f"jaxbnb: an 8-bit weight of shape {w.shape} is contracted over axes {dims[0]}, which "
+        f"are not its input axes (the first {w.n_in}); LLM.int8() needs x's last axis against "
+        "the input axes, so this product dequantizes the weight and runs in 16-bit",
+        stacklevel=2)
   return _qdot(x, w, dims, w_is_lhs, np.dtype(out_dtype or x.dtype))
 
 
@@ -205,13 +218,11 @@ def _outlier_product(x, w, outlier_cols, max_cols):
     valid = jnp.arange(k) < jnp.sum(outlier_cols)
     sub_x = jnp.where(valid[None, :], x[:, idx], 0)
     sub_w = (w.CB[:, idx].astype(jnp.float32) * (w.SCB[:, None] * jnp.float32(1 / 127)))
-    return jax.lax.dot_general(sub_x, sub_w.astype(x.dtype), (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return _dot_f32(sub_x, sub_w.astype(x.dtype), (((1,), (1,)), ((), ())))
 
   def masked(_):
     sub_x = jnp.where(outlier_cols[None, :], x, 0)
-    return jax.lax.dot_general(sub_x, w.dequantize_matrix(x.dtype), (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return _dot_f32(sub_x, w.dequantize_matrix(x.dtype), (((1,), (1,)), ((), ())))
 
   if k == n_in:
     return masked(None)
@@ -226,8 +237,8 @@ def _int8_linear_fwd(x, w, bias, threshold, max_cols):
 def _int8_linear_bwd(threshold, max_cols, res, g):
   w, has_bias, x_spec = res
   # bnb's backward: grad_x = g @ (CB * SCB / 127) in the input dtype.
-  dx = jax.lax.dot_general(g.astype(x_spec.dtype), w.dequantize_matrix(x_spec.dtype),
-                           (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  dx = _dot_f32(g.astype(x_spec.dtype), w.dequantize_matrix(x_spec.dtype),
+                (((1,), (0,)), ((), ())))
   dbias = jnp.sum(g.astype(jnp.float32), axis=0) if has_bias else None
   return dx.astype(x_spec.dtype), None, dbias
 
