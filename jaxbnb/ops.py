@@ -231,15 +231,17 @@ def _outlier_product(x, w, outlier_cols, max_cols):
 
 def _int8_linear_fwd(x, w, bias, threshold, max_cols):
   out = _int8_linear_impl(x, w, bias, threshold, max_cols)
-  return out, (w, bias is not None, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  bias_spec = None if bias is None else jax.ShapeDtypeStruct(bias.shape, bias.dtype)
+  return out, (w, bias_spec, jax.ShapeDtypeStruct(x.shape, x.dtype))
 
 
 def _int8_linear_bwd(threshold, max_cols, res, g):
-  w, has_bias, x_spec = res
+  w, bias_spec, x_spec = res
   # bnb's backward: grad_x = g @ (CB * SCB / 127) in the input dtype.
   dx = _dot_f32(g.astype(x_spec.dtype), w.dequantize_matrix(x_spec.dtype),
                 (((1,), (0,)), ((), ())))
-  dbias = jnp.sum(g.astype(jnp.float32), axis=0) if has_bias else None
+  dbias = (None if bias_spec is None
+           else jnp.sum(g.astype(jnp.float32), axis=0).astype(bias_spec.dtype))
   return dx.astype(x_spec.dtype), None, dbias
 
 
