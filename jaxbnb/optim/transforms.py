@@ -1,0 +1,269 @@
+"""Building blocks: optax ``GradientTransformation``s whose moments are kept in 8 bits.
+
+Each mirrors an optax transform (same argument names and outputs) and adds ``block_size``,
+``min_8bit_size`` and ``fp32_mask``. They chain with ``optax.chain``, schedules,
+``clip_by_global_norm``, ``MultiSteps`` and ``inject_hyperparams`` like their 32-bit twins.
+
+Non-finite gradients (bitsandbytes' rule): an element whose gradient is NaN or +-Inf is
+skipped — its moments keep their values and its update is 0 — so one bad element never
+poisons the optimizer state, and an 8-bit run never turns NaN where it would not in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbnb.optim.state import (MaskOrFn, check_block_size, init_moment, read_moment,
+                                use_8bit_tree, write_moment)
+
+Scalar = Union[float, jax.Array]
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+def _value(x: ScalarOrSchedule, count):
+  return x(count) if callable(x) else x
+
+
+def _init(params, use8, *, signed: bool, block_size: int, fill: float = 0.0):
+  return jax.tree.map(
+      lambda p, u: init_moment(p, signed=signed, block_size=block_size, use_8bit=u, fill=fill),
+      params, use8)
+
+
+def _map(fn, updates, *moment_trees):
+  """Apply ``fn(g, *moments) -> (update, *new_moments)`` per leaf; returns unzipped trees."""
+  treedef = jax.tree.structure(updates)
+  g_leaves = treedef.flatten_up_to(updates)
+  m_leaves = [treedef.flatten_up_to(t) for t in moment_trees]
+  outs = [fn(g, *ms) for g, *ms in zip(g_leaves, *m_leaves)]
+  return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(1 + len(moment_trees)))
+
+
+def _finite(g):
+  g = g.astype(jnp.float32)
+  ok = jnp.isfinite(g)
+  return jnp.where(ok, g, 0.0), ok
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
+                       eps_root: Scalar = 0.0, *, block_size: int = 256,
+                       min_8bit_size: int = 4096,
+                       fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+  """Adam's direction ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with 8-bit ``m`` and ``v``.
+
+  Computed as bitsandbytes does: ``sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps*sqrt(1-b2^t))``.
+  """
+  block_size = check_block_size(block_size)
+
+  def init_fn(params):
+    use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
+    return ScaleByAdam8bitState(jnp.zeros([], jnp.int32),
+                                _init(params, use8, signed=True, block_size=block_size),
+                                _init(params, use8, signed=False, block_size=block_size))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    c1, c2 = 1 - jnp.power(b1, t), 1 - jnp.power(b2, t)
+
+    def leaf(g, m, v):
+      g0, ok = _finite(g)
+      m_old, v_old = read_moment(m), read_moment(v)
+      m_new = jnp.where(ok, b1 * m_old + (1 - b1) * g0, m_old)
+      v_new = jnp.where(ok, b2 * v_old + (1 - b2) * g0 * g0, v_old)
+      denom = jnp.sqrt(v_new + eps_root) + eps * jnp.sqrt(c2)
+      u = jnp.where(ok, (jnp.sqrt(c2) / c1) * m_new / denom, 0.0)
+      return u.astype(g.dtype), write_moment(m, m_new), write_moment(v, v_new)
+
+    u, mu, nu = _map(leaf, updates, state.mu, state.nu)
+    return u, ScaleByAdam8bitState(count, mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByLion8bitState(NamedTuple):
+  count: jax.Array
+  mu: Any
+
+
+def scale_by_lion_8bit(b1: Scalar = 0.9, b2: Scalar = 0.99, *, block_size: int = 256,
+                       min_8bit_size: int = 4096,
+                       fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+  """Lion's direction ``sign(b1*m + (1-b1)*g)``, then ``m = b2*m + (1-b2)*g`` in 8 bits."""
+  block_size = check_block_size(block_size)
+
+  def init_fn(params):
+    use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
+    return ScaleByLion8bitState(jnp.zeros([], jnp.int32),
+                                _init(params, use8, signed=True, block_size=block_size))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g, m):
+      g0, ok = _finite(g)
+      m_old = read_moment(m)
+      u = jnp.where(ok, jnp.sign(b1 * m_old + (1 - b1) * g0), 0.0)
+      m_new = jnp.where(ok, b2 * m_old + (1 - b2) * g0, m_old)
+      return u.astype(g.dtype), write_moment(m, m_new)
+
+    u, mu = _map(leaf, updates, state.mu)
+    return u, ScaleByLion8bitState(optax.safe_increment(state.count), mu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class Trace8bitState(NamedTuple):
+  trace: Any
+
+
+def trace_8bit(decay: Scalar, nesterov: bool = False, *, block_size: int = 256,
+               min_8bit_size: int = 4096,
+               fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+  """Momentum ``m = decay*m + g`` (``optax.trace``) with ``m`` in 8 bits; Nesterov returns
+  ``g + decay*m``. At the first step ``m = g``, as in bitsandbytes' SGD."""
+  block_size = check_block_size(block_size)
+
+  def init_fn(params):
+    use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
+    return Trace8bitState(_init(params, use8, signed=True, block_size=block_size))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g, m):
+      g0, ok = _finite(g)
+      m_old = read_moment(m)
+      m_new = jnp.where(ok, decay * m_old + g0, m_old)
+      u = g0 + decay * m_new if nesterov else m_new
+      return jnp.where(ok, u, 0.0).astype(g.dtype), write_moment(m, m_new)
+
+    u, tr = _map(leaf, updates, state.trace)
+    return u, Trace8bitState(tr)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByRms8bitState(NamedTuple):
+  nu: Any
+
+
+def scale_by_rms_8bit(decay: Scalar = 0.9, eps: Scalar = 1e-8, initial_scale: float = 0.0,
+                      eps_in_sqrt: bool = True, *, block_size: int = 256,
+                      min_8bit_size: int = 4096,
+                      fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+  """RMSProp's ``g / sqrt(nu + eps)`` (``optax.scale_by_rms``) with ``nu`` in 8 bits
+  (unsigned map: a second moment is never negative)."""
+  block_size = check_block_size(block_size)
+
+  def init_fn(params):
+    use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
+    return ScaleByRms8bitState(_init(params, use8, signed=False, block_size=block_size,
+                                     fill=initial_scale))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g, v):
+      g0, ok = _finite(g)
+      v_old = read_moment(v)
+      v_new = jnp.where(ok, decay * v_old + (1 - decay) * g0 * g0, v_old)
+      u = g0 * jax.lax.rsqrt(v_new + eps) if eps_in_sqrt else g0 / (jnp.sqrt(v_new) + eps)
+      return jnp.where(ok, u, 0.0).astype(g.dtype), write_moment(v, v_new)
+
+    u, nu = _map(leaf, updates, state.nu)
+    return u, ScaleByRms8bitState(nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByRss8bitState(NamedTuple):
+  sum_of_squares: Any
+
+
+def scale_by_rss_8bit(initial_accumulator_value: float = 0.1, eps: Scalar = 1e-7, *,
+                      block_size: int = 256, min_8bit_size: int = 4096,
+                      fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+  """Adagrad's ``g / sqrt(sum g^2 + eps)`` (``optax.scale_by_rss``), the sum in 8 bits."""
+  block_size = check_block_size(block_size)
+
+  def init_fn(params):
+    use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
+    return ScaleByRss8bitState(_init(params, use8, signed=False, block_size=block_size,
+                                     fill=initial_accumulator_value))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g, s):
+      g0, ok = _finite(g)
+      s_old = read_moment(s)
+      s_new = jnp.where(ok, s_old + g0 * g0, s_old)
+      inv = jnp.where(s_new > 0, jax.lax.rsqrt(s_new + eps), 0.0)
+      return jnp.where(ok, g0 * inv, 0.0).astype(g.dtype), write_moment(s, s_new)
+
+    u, ss = _map(leaf, updates, state.sum_of_squares)
+    return u, ScaleByRss8bitState(ss)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdemamix8bitState(NamedTuple):
+  count: jax.Array
+  count_m2: jax.Array
+  m1: Any
+  m2: Any
+  nu: Any
+
+
+def scale_by_ademamix_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999,
+                           b3: ScalarOrSchedule = 0.9999, alpha: ScalarOrSchedule = 5.0,
+                           eps: Scalar = 1e-8, eps_root: Scalar = 0.0, *,
+                           block_size: int = 256, min_8bit_size: int = 4096,
+                           fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+  """AdEMAMix (``optax.contrib.scale_by_ademamix``): a fast and a slow EMA of the gradient and
+  the second moment, all three in 8 bits:
+  ``(m1_hat + alpha * m2) / (sqrt(nu_hat + eps_root) + eps)``."""
+  block_size = check_block_size(block_size)
+
+  def init_fn(params):
+    use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
+    z = jnp.zeros([], jnp.int32)
+    return ScaleByAdemamix8bitState(
+        z, z, _init(params, use8, signed=True, block_size=block_size),
+        _init(params, use8, signed=True, block_size=block_size),
+        _init(params, use8, signed=False, block_size=block_size))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    count_m2 = optax.safe_increment(state.count_m2)
+    t = count.astype(jnp.float32)
+    c1, c2 = 1 - jnp.power(b1, t), 1 - jnp.power(b2, t)
+    b3_t, alpha_t = _value(b3, state.count_m2), _value(alpha, state.count_m2)
+
+    def leaf(g, m1, m2, v):
+      g0, ok = _finite(g)
+      m1_old, m2_old, v_old = read_moment(m1), read_moment(m2), read_moment(v)
+      m1_new = jnp.where(ok, b1 * m1_old + (1 - b1) * g0, m1_old)
+      m2_new = jnp.where(ok, b3_t * m2_old + (1 - b3_t) * g0, m2_old)
+      v_new = jnp.where(ok, b2 * v_old + (1 - b2) * g0 * g0, v_old)
+      u = (m1_new / c1 + alpha_t * m2_new) / (jnp.sqrt(v_new / c2 + eps_root) + eps)
+      return (jnp.where(ok, u, 0.0).astype(g.dtype), write_moment(m1, m1_new),
+              write_moment(m2, m2_new), write_moment(v, v_new))
+
+    u, m1, m2, nu = _map(leaf, updates, state.m1, state.m2, state.nu)
+    return u, ScaleByAdemamix8bitState(count, count_m2, m1, m2, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
