@@ -119,7 +119,7 @@ def _quantized_rule(eqn, invals):
     if hasattr(inner, "jaxpr"):
       return _eval(inner.jaxpr, inner.consts, invals)
     return _eval(inner, (), invals)
-  if name in ("checkpoint", "remat"):
+  if name in ("checkpoint", "remat", "remat2"):
     inner = eqn.params["jaxpr"]
     body = lambda *vals: _eval(inner, (), list(vals))
     return jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
@@ -163,8 +163,7 @@ def _dot(eqn, lhs, rhs):
     dims = ((wc_log, tuple(rc)), (wb_log, tuple(rb)))
   else:
     dims = ((tuple(lc), wc_log), (tuple(lb), wb_log))
-  y = qdot_general(ref.leaf if w_is_lhs else x, x if w_is_lhs else ref.leaf, dims,
-                   out_dtype=out_dtype)
+  y = _logical_dot(x, ref.leaf, dims, w_is_lhs, out_dtype)
   if want != have:
     nb, nw = len(wb), len(want)
     nx = y.ndim - nb - nw
@@ -174,6 +173,20 @@ def _dot(eqn, lhs, rhs):
     axes[start:start + nw] = [start + o for o in order]
     y = jnp.transpose(y, axes)
   return y
+
+
+def _logical_dot(x, leaf, dims, w_is_lhs, out_dtype):
+  """dot_general of ``x`` with a weight's logical array; adapters (``lora_dot``) add theirs."""
+  if hasattr(leaf, "lora_dot"):
+    y = _logical_dot(x, leaf.base, dims, w_is_lhs, jnp.float32)
+    return (y + leaf.lora_dot(x, dims, w_is_lhs, out_dtype)).astype(out_dtype)
+  if not is_quantized(leaf):  # a frozen float base (16-bit LoRA)
+    w = jax.lax.stop_gradient(leaf).astype(x.dtype)
+    lhs, rhs = (w, x) if w_is_lhs else (x, w)
+    return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).astype(
+        out_dtype)
+  lhs, rhs = (leaf, x) if w_is_lhs else (x, leaf)
+  return qdot_general(lhs, rhs, dims, out_dtype=out_dtype)
 
 
 def _row_gather(eqn, ref: _QRef, indices):
