@@ -5,7 +5,7 @@ bit-compatible with bitsandbytes 0.50.2; quantized matmuls with autodiff; ``quan
 for any Flax model and ``intercept`` to run unmodified models on the packed weights.
 """
 
-from jaxbnb import functional, nn, optim
+from jaxbnb import functional, lora, nn, optim
 from jaxbnb.config import BitsAndBytesConfig
 from jaxbnb.functional import QuantState
 from jaxbnb.intercept import intercept
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitsAndBytesConfig", "QuantState", "Quantized4bit", "Quantized8bit", "QuantizedArray",
-    "dequantize", "functional", "nn", "optim", "int8_matmul", "intercept", "is_quantized", "matmul",
+    "dequantize", "functional", "lora", "nn", "optim", "int8_matmul", "intercept", "is_quantized", "matmul",
     "matmul_4bit", "memory_footprint", "qdot_general", "quantize",
 ]
