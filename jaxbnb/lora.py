@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxbnb.config import BitsAndBytesConfig
 from jaxbnb.qtensor import QuantizedArray, is_quantized
@@ -220,3 +221,35 @@ def combine(frozen: Any, trainable: Any) -> Any:
   """Inverse of :func:`split_trainable`."""
   return jax.tree.map(lambda a, b: a if b is None else b, frozen, trainable,
                       is_leaf=lambda x: x is None or is_quantized(x))
+
+
+
+class LoRALinear(nnx.Module):
+  """Explicit NNX layer: ``base(x) + scale * dropout(x) @ A @ B`` around any linear layer
+  (``jaxbnb.nn.Linear4bit``/``LinearNF4``/``Linear8bitLt``, or ``nnx.Linear``).
+
+  The adapters are ``nnx.Param`` named ``lora_a`` / ``lora_b``; train only them with
+  ``nnx.Optimizer(model, tx, wrt=nnx.All(nnx.Param, nnx.PathContains("lora_a") ...))`` or
+  :func:`adapter_filter`. A packed base weight is a ``jaxbnb.nn.QuantizedParam`` and is never
+  trained.
+  """
+
+  def __init__(self, base: nnx.Module, rank: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0, *, rngs: nnx.Rngs):
+    cfg = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout)
+    self.base = base
+    n_in, n_out = base.in_features, base.out_features
+    bound = 1 / math.sqrt(n_in)
+    self.lora_a = nnx.Param(jax.random.uniform(rngs.params(), (n_in, rank), jnp.float32,
+                                               -bound, bound))
+    self.lora_b = nnx.Param(jnp.zeros((rank, n_out), jnp.float32))
+    self.scale = cfg.scale
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.dropout(x.astype(jnp.float32))
+    delta = (h @ self.lora_a[...]) @ self.lora_b[...] * self.scale
+    return (self.base(x).astype(jnp.float32) + delta).astype(x.dtype)
+
+
+adapter_filter = nnx.Any(nnx.PathContains("lora_a"), nnx.PathContains("lora_b"))

@@ -179,3 +179,25 @@ def test_qlora_step_on_a_2x4_mesh_gives_the_single_device_loss():
   _, _, ref2 = jax.jit(step)(ref_adapters, tx.update(g_ref, tx.init(adapters), adapters)[1],
                              TOKENS)
   np.testing.assert_allclose(float(value2), float(ref2), rtol=1e-4)
+
+
+def test_explicit_nnx_lora_linear():
+  base = jaxbnb.nn.LinearNF4(64, 32, rngs=nnx.Rngs(0))
+  layer = lora.LoRALinear(base, rank=4, alpha=8, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(0), (3, 64))
+  np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(base(x)))  # B = 0
+  opt = nnx.Optimizer(layer, optim.adamw8bit(1e-2, min_8bit_size=0), wrt=lora.adapter_filter)
+  target = jnp.ones((3, 32))
+  packed_before = np.asarray(jax.tree.leaves(nnx.state(layer, jaxbnb.nn.QuantizedParam))[0])
+
+  @nnx.jit
+  def step(layer, opt):
+    loss = lambda m: jnp.mean((m(x) - target) ** 2)
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, lora.adapter_filter))(layer)
+    opt.update(layer, grads)
+    return value
+
+  losses = [float(step(layer, opt)) for _ in range(10)]
+  assert losses[-1] < losses[0]
+  np.testing.assert_array_equal(
+      np.asarray(jax.tree.leaves(nnx.state(layer, jaxbnb.nn.QuantizedParam))[0]), packed_before)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxbnb.optim.state import (MaskOrFn, check_block_size, init_moment, read_moment,
-                                use_8bit_tree, write_moment)
+from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, check_block_size, init_moment,
+                                read_moment, use_8bit_tree, write_moment)
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -29,18 +29,32 @@ def _value(x: ScalarOrSchedule, count):
 
 
 def _init(params, use8, *, signed: bool, block_size: int, fill: float = 0.0):
-  return jax.tree.map(
-      lambda p, u: init_moment(p, signed=signed, block_size=block_size, use_8bit=u, fill=fill),
-      params, use8)
+  """One moment per parameter leaf, as a flat tuple in flattening order.
+
+  Flat, not mirroring ``params``: wrappers around the params (e.g. NNX ``Variable``s) would
+  otherwise hold the moments, and ``nnx.Optimizer`` rebuilds Variable values as ``State``s,
+  dropping the moments' static fields. Updates match moments to gradients by leaf order.
+  """
+  return tuple(init_moment(p, signed=signed, block_size=block_size, use_8bit=u, fill=fill)
+               for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(use8)))
 
 
 def _map(fn, updates, *moment_trees):
-  """Apply ``fn(g, *moments) -> (update, *new_moments)`` per leaf; returns unzipped trees."""
-  treedef = jax.tree.structure(updates)
-  g_leaves = treedef.flatten_up_to(updates)
-  m_leaves = [treedef.flatten_up_to(t) for t in moment_trees]
-  outs = [fn(g, *ms) for g, *ms in zip(g_leaves, *m_leaves)]
-  return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(1 + len(moment_trees)))
+  """Apply ``fn(g, *moments) -> (update, *new_moments)`` per leaf; returns unzipped trees.
+
+  Moment trees are matched to the updates leaf by leaf (in flattening order), and each keeps
+  its own structure: wrappers such as ``nnx.Optimizer``'s state variables stay as they are.
+  """
+  is_moment = lambda x: isinstance(x, QuantizedMoment)
+  g_leaves, g_def = jax.tree.flatten(updates)
+  flat = [jax.tree.flatten(t, is_leaf=is_moment) for t in moment_trees]
+  for leaves, _ in flat:
+    if len(leaves) != len(g_leaves):
+      raise ValueError(f"optimizer state holds {len(leaves)} moments for {len(g_leaves)} "
+                       "gradient leaves: was it initialized with these params?")
+  outs = [fn(g, *ms) for g, *ms in zip(g_leaves, *[leaves for leaves, _ in flat])]
+  return (g_def.unflatten([o[0] for o in outs]),
+          *(d.unflatten([o[i + 1] for o in outs]) for i, (_, d) in enumerate(flat)))
 
 
 def _finite(g):
