@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test test-bnb demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "jaxbnb needs Python >= 3.12 (found " + sys.version.split()[0] + "); set PYTHON=python3.12")'
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Interop against the real bitsandbytes 0.50.2 + transformers (downloads torch; not part of CI).
+test-bnb: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[interop-test]"
+	$(BIN)/python -m pytest -q tests/test_interop_bnb.py
 
 demo: $(STAMP)
 	$(BIN)/python experiments/demo.py

@@ -5,7 +5,7 @@ bit-compatible with bitsandbytes 0.50.2; quantized matmuls with autodiff; ``quan
 for any Flax model and ``intercept`` to run unmodified models on the packed weights.
 """
 
-from jaxbnb import functional, lora, nn, optim
+from jaxbnb import checkpoint, functional, interop, lora, nn, optim
 from jaxbnb.config import BitsAndBytesConfig
 from jaxbnb.functional import QuantState
 from jaxbnb.intercept import intercept
@@ -16,7 +16,7 @@ from jaxbnb.tree import dequantize, memory_footprint, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "BitsAndBytesConfig", "QuantState", "Quantized4bit", "Quantized8bit", "QuantizedArray",
+    "BitsAndBytesConfig", "checkpoint", "interop", "QuantState", "Quantized4bit", "Quantized8bit", "QuantizedArray",
     "dequantize", "functional", "lora", "nn", "optim", "int8_matmul", "intercept", "is_quantized", "matmul",
     "matmul_4bit", "memory_footprint", "qdot_general", "quantize",
 ]

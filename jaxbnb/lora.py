@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import math
 import warnings
+import zlib
 from typing import Any, Optional, Sequence
 
 import jax
@@ -179,7 +180,8 @@ def attach(params: Any, adapters: dict, config: LoRAConfig,
       return leaf
     missing.discard(path)
     ad = adapters[path]
-    leaf_rng = None if rng is None else jax.random.fold_in(rng, hash(path) % (2**31))
+    # crc32, not hash(): Python salts str hashes per process, dropout must be reproducible.
+    leaf_rng = None if rng is None else jax.random.fold_in(rng, zlib.crc32(path.encode()) % (2**31))
     return LoRAArray(base=leaf, a=ad["a"], b=ad["b"], rng=leaf_rng, scale=config.scale,
                      dropout=config.dropout)
 

@@ -1,0 +1,10 @@
+"""Hugging Face / bitsandbytes checkpoint interop: bnb's safetensors layout, both ways."""
+
+from jaxbnb.interop.bnb_safetensors import (as_bnb_weight, as_flax_kernel, bnb_tensors,
+                                            from_flax, load_bnb_state_dict, parse_quant_state,
+                                            quant_state_blob, save_bnb_state_dict, to_flax)
+
+__all__ = [
+    "as_bnb_weight", "as_flax_kernel", "bnb_tensors", "from_flax", "load_bnb_state_dict",
+    "parse_quant_state", "quant_state_blob", "save_bnb_state_dict", "to_flax",
+]
