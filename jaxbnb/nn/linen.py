@@ -123,26 +123,23 @@ class Linear4bit(nn.Module):
     return ops.matmul_4bit(inputs, kernel, bias)
 
 
-class LinearNF4(Linear4bit):
-  """:class:`Linear4bit` with ``quant_type="nf4"``."""
-
-  quant_type: str = "nf4"
+def _fixed_quant_type(base: type, quant_type: str, name: str) -> type:
+  """``base`` with its ``quant_type`` field defaulting to, and fixed at, ``quant_type``."""
 
   def __post_init__(self):
-    if self.quant_type != "nf4":
-      raise ValueError("LinearNF4 fixes quant_type='nf4'; use Linear4bit(quant_type=...)")
-    super().__post_init__()
+    if self.quant_type != quant_type:
+      raise ValueError(f"{name} fixes quant_type={quant_type!r}; use "
+                       f"{base.__name__}(quant_type=...)")
+    base.__post_init__(self)
+
+  return type(name, (base,), {
+      "__annotations__": {"quant_type": str}, "quant_type": quant_type,
+      "__post_init__": __post_init__, "__module__": __name__,
+      "__doc__": f":class:`{base.__name__}` with ``quant_type=\"{quant_type}\"``."})
 
 
-class LinearFP4(Linear4bit):
-  """:class:`Linear4bit` with ``quant_type="fp4"``."""
-
-  quant_type: str = "fp4"
-
-  def __post_init__(self):
-    if self.quant_type != "fp4":
-      raise ValueError("LinearFP4 fixes quant_type='fp4'; use Linear4bit(quant_type=...)")
-    super().__post_init__()
+LinearNF4 = _fixed_quant_type(Linear4bit, "nf4", "LinearNF4")
+LinearFP4 = _fixed_quant_type(Linear4bit, "fp4", "LinearFP4")
 
 
 class Linear8bitLt(nn.Module):
@@ -264,26 +261,8 @@ class Embedding4bit(nn.Module):
     return _attend(query, self.table, self._out_dtype)
 
 
-class EmbeddingNF4(Embedding4bit):
-  """:class:`Embedding4bit` with ``quant_type="nf4"``."""
-
-  quant_type: str = "nf4"
-
-  def __post_init__(self):
-    if self.quant_type != "nf4":
-      raise ValueError("EmbeddingNF4 fixes quant_type='nf4'; use Embedding4bit(quant_type=...)")
-    super().__post_init__()
-
-
-class EmbeddingFP4(Embedding4bit):
-  """:class:`Embedding4bit` with ``quant_type="fp4"``."""
-
-  quant_type: str = "fp4"
-
-  def __post_init__(self):
-    if self.quant_type != "fp4":
-      raise ValueError("EmbeddingFP4 fixes quant_type='fp4'; use Embedding4bit(quant_type=...)")
-    super().__post_init__()
+EmbeddingNF4 = _fixed_quant_type(Embedding4bit, "nf4", "EmbeddingNF4")
+EmbeddingFP4 = _fixed_quant_type(Embedding4bit, "fp4", "EmbeddingFP4")
 
 
 class Embedding8bit(nn.Module):

@@ -212,25 +212,20 @@ class Linear4bit(_FromWeights, nnx.Module):
     return ops.matmul_4bit(inputs, self.kernel.get_value(), bias)
 
 
-class LinearNF4(Linear4bit):
-  """:class:`Linear4bit` with ``quant_type="nf4"`` (bitsandbytes' ``LinearNF4``)."""
+def _fixed_quant_type(base: type, quant_type: str, name: str) -> type:
+  """``base`` with ``quant_type`` fixed (bitsandbytes' ``LinearNF4``-style classes)."""
 
-  def __init__(self, in_features: int, out_features: int, **kwargs):
-    _no_quant_type(type(self).__name__, kwargs)
-    super().__init__(in_features, out_features, quant_type="nf4", **kwargs)
+  def __init__(self, *args, **kwargs):
+    if "quant_type" in kwargs:
+      raise TypeError(f"{name} fixes quant_type; use {base.__name__}(quant_type=...) to choose it")
+    base.__init__(self, *args, quant_type=quant_type, **kwargs)
 
-
-class LinearFP4(Linear4bit):
-  """:class:`Linear4bit` with ``quant_type="fp4"`` (bitsandbytes' ``LinearFP4``)."""
-
-  def __init__(self, in_features: int, out_features: int, **kwargs):
-    _no_quant_type(type(self).__name__, kwargs)
-    super().__init__(in_features, out_features, quant_type="fp4", **kwargs)
+  doc = f":class:`{base.__name__}` with ``quant_type=\"{quant_type}\"`` (bitsandbytes' ``{name}``)."
+  return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-def _no_quant_type(what: str, kwargs) -> None:
-  if "quant_type" in kwargs:
-    raise TypeError(f"{what} fixes quant_type; use Linear4bit(quant_type=...) to choose it")
+LinearNF4 = _fixed_quant_type(Linear4bit, "nf4", "LinearNF4")
+LinearFP4 = _fixed_quant_type(Linear4bit, "fp4", "LinearFP4")
 
 
 class Linear8bitLt(_FromWeights, nnx.Module):
@@ -364,20 +359,8 @@ class Embedding4bit(nnx.Module):
     return _attend(query, self.embedding.get_value(), self.dtype)
 
 
-class EmbeddingNF4(Embedding4bit):
-  """:class:`Embedding4bit` with ``quant_type="nf4"`` (bitsandbytes' ``EmbeddingNF4``)."""
-
-  def __init__(self, num_embeddings: int, features: int, **kwargs):
-    _no_quant_type(type(self).__name__, kwargs)
-    super().__init__(num_embeddings, features, quant_type="nf4", **kwargs)
-
-
-class EmbeddingFP4(Embedding4bit):
-  """:class:`Embedding4bit` with ``quant_type="fp4"`` (bitsandbytes' ``EmbeddingFP4``)."""
-
-  def __init__(self, num_embeddings: int, features: int, **kwargs):
-    _no_quant_type(type(self).__name__, kwargs)
-    super().__init__(num_embeddings, features, quant_type="fp4", **kwargs)
+EmbeddingNF4 = _fixed_quant_type(Embedding4bit, "nf4", "EmbeddingNF4")
+EmbeddingFP4 = _fixed_quant_type(Embedding4bit, "fp4", "EmbeddingFP4")
 
 
 class Embedding8bit(nnx.Module):
