@@ -201,3 +201,15 @@ def test_explicit_nnx_lora_linear():
   assert losses[-1] < losses[0]
   np.testing.assert_array_equal(
       np.asarray(jax.tree.leaves(nnx.state(layer, jaxbnb.nn.QuantizedParam))[0]), packed_before)
+
+
+def test_adapters_saved_alone_and_loaded_onto_the_base(tmp_path):
+  from jaxbnb import checkpoint
+  graphdef, _, q = _model()
+  adapters = jax.tree.map(lambda x: x + 0.03, lora.init(q, CFG, jax.random.key(7)))
+  checkpoint.save(tmp_path / "adapters", adapters)
+  restored = checkpoint.restore(tmp_path / "adapters")
+  assert lora.count_params(restored) == lora.count_params(adapters)  # only the adapters
+  forward = jaxbnb.intercept(lambda s, t: nnx.merge(graphdef, s)(t))
+  np.testing.assert_array_equal(np.asarray(forward(lora.attach(q, restored, CFG), TOKENS)),
+                                np.asarray(forward(lora.attach(q, adapters, CFG), TOKENS)))
