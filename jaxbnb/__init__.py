@@ -9,6 +9,7 @@ from jaxbnb import checkpoint, functional, interop, lora, nn, optim
 from jaxbnb.config import BitsAndBytesConfig
 from jaxbnb.functional import QuantState
 from jaxbnb.intercept import intercept
+from jaxbnb.interop.load import load_quantized, offload
 from jaxbnb.ops import int8_matmul, matmul, matmul_4bit, qdot_general
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray, is_quantized
 from jaxbnb.tree import dequantize, memory_footprint, quantize
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitsAndBytesConfig", "checkpoint", "interop", "QuantState", "Quantized4bit", "Quantized8bit", "QuantizedArray",
-    "dequantize", "functional", "lora", "nn", "optim", "int8_matmul", "intercept", "is_quantized", "matmul",
-    "matmul_4bit", "memory_footprint", "qdot_general", "quantize",
+    "dequantize", "functional", "lora", "nn", "optim", "int8_matmul", "intercept", "is_quantized", "load_quantized", "matmul",
+    "matmul_4bit", "memory_footprint", "offload", "qdot_general", "quantize",
 ]

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from jaxbnb.interop.load import is_offloaded
 from jaxbnb.ops import qdot_general
 from jaxbnb.qtensor import QuantizedArray, is_quantized
 
@@ -56,20 +57,26 @@ class _QRef:
 jax.tree_util.register_dataclass(_QRef, data_fields=["leaf"], meta_fields=["perm", "dtype"])
 
 
+def _is_special(x) -> bool:
+  """Leaves ``intercept`` handles itself: quantized, or offloaded to host memory."""
+  return is_quantized(x) or is_offloaded(x)
+
+
 def intercept(fn: Callable) -> Callable:
   """Wrap ``fn`` so that its arguments may hold quantized leaves (from ``jaxbnb.quantize``).
 
   Returns a function with ``fn``'s signature and outputs. Array leaves of the arguments are
-  traced; other leaves (Python scalars, strings, ...) are passed through as constants. Jit the
-  result for speed (tracing happens on every un-jitted call).
+  traced; other leaves (Python scalars, strings, ...) are passed through as constants. Leaves in
+  host memory (:func:`jaxbnb.interop.offload`) move to the device where they are first used.
+  Jit the result for speed (tracing happens on every un-jitted call).
   """
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_quantized)
-    if not any(is_quantized(leaf) for leaf in leaves):
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_special)
+    if not any(_is_special(leaf) for leaf in leaves):
       return fn(*args, **kwargs)
-    is_arr = [is_quantized(x) or isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    is_arr = [_is_special(x) or isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
     arrays = [x for x, a in zip(leaves, is_arr) if a]
 
     def flat_fn(*vals):
@@ -92,7 +99,12 @@ def _eval(jaxpr, consts, args):
   env: dict = {}
 
   def read(v):
-    return v.val if isinstance(v, jex_core.Literal) else env[v]
+    if isinstance(v, jex_core.Literal):
+      return v.val
+    x = env[v]
+    if is_offloaded(x):  # a host-offloaded leaf comes to the device at its first use
+      x = env[v] = x.dequantize()
+    return x
 
   for v, c in zip(jaxpr.constvars, consts):
     env[v] = c

@@ -316,3 +316,15 @@ def test_blob_edge_cases():
     interop.parse_quant_state(np.zeros((2, 2), np.uint8), "k")
   with pytest.raises(ValueError, match="not UTF-8 JSON"):
     interop.parse_quant_state(np.frombuffer(b"[" * 100_000, np.uint8), "k")
+
+
+def test_header_length_byte_0x80_is_not_a_pickle(tmp_path):
+  """A safetensors header length whose low byte is 0x80 must not be taken for a pickle."""
+  import struct
+  header = b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+  header += b" " * (0x80 - len(header))  # pad (safetensors allows trailing spaces)
+  path = tmp_path / "odd.safetensors"
+  path.write_bytes(struct.pack("<Q", len(header)) + header + np.float32(1.5).tobytes())
+  assert path.read_bytes()[0] == 0x80
+  out = interop.load_bnb_state_dict(path)
+  assert float(out["x"][0]) == 1.5

@@ -220,8 +220,10 @@ class _Reader:
       raise _pickle_refusal(path)
     elif path.is_file():
       with open(path, "rb") as f:
-        head = f.read(4)
-      if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip archive / raw pickle
+        head = f.read(9)
+      # safetensors: a u64 header length, then '{'. Only without that '{' can a leading 'PK'
+      # (torch zip archive) or 0x80 (raw pickle) mean a pickle: a length byte may be 0x80.
+      if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise _pickle_refusal(path)
       files = {None: path}
     else:

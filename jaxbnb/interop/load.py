@@ -1,0 +1,424 @@
+"""Models bigger than the device: quantize-on-load from float checkpoints, and host offload.
+
+``load_quantized`` reads a float (fp32/fp16/bf16) safetensors checkpoint — one file or the
+shards of a ``model.safetensors.index.json`` — one tensor at a time from the memory-mapped
+files, and quantizes each eligible tensor on the device as it arrives (one jitted quantizer per
+distinct shape/dtype, reused across layers), optionally straight into shards. Only the packed
+model plus one float tensor is ever on the device, and one tensor beyond the mapped files on
+the host:
+
+  params = load_quantized("model_dir", cfg, mapping="minilm", target=abstract_pure_dict)
+  nnx.replace_by_pure_dict(abstract_state, params)
+
+``offload(params, ["lm_head"])`` puts leaves in pinned host memory (bnb's
+``llm_int8_enable_fp32_cpu_offload``): they keep their precision, and :func:`jaxbnb.intercept`
+brings each to the device where the traced program first uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+
+from jaxbnb.config import BitsAndBytesConfig
+from jaxbnb.functional.blockwise import nest_absmax
+from jaxbnb.interop.bnb_safetensors import PathLike, _Reader
+from jaxbnb.qtensor import is_quantized
+from jaxbnb.tree import _layout, _matches, _quantize_leaf, path_str
+
+# mapping(checkpoint name) -> (params path: tuple or dotted str, transpose) | path | None (drop)
+Mapping = Union[str, Callable[[str], Any], None]
+ShardingSpec = Union[Sharding, Callable[[str, tuple], Optional[Sharding]], None]
+
+HOST_KIND = "pinned_host"
+# Number of times a quantizer was traced (= compiled: each jitted quantizer sees one shape).
+_stats = {"traces": 0}
+
+
+# --- name mappings ---------------------------------------------------------------------------
+
+
+def _minilm_mapping(names: Sequence[str]) -> Callable[[str], Any]:
+  from jaxbnb.models.bert import hf_to_nnx_names  # flax model code, only when asked for
+  layers = [int(m.group(1)) for n in names for m in [re.match(r"encoder\.layer\.(\d+)\.", n)]
+            if m]
+  table = hf_to_nnx_names(max(layers) + 1 if layers else 0)
+  return table.get  # pooler.*, embeddings.position_ids: no counterpart, dropped
+
+
+def _builtin(mapping: Mapping, names: Sequence[str]) -> Callable[[str], Any]:
+  if mapping is None or mapping == "gpt":  # the params' own dotted names (path_str)
+    return lambda name: (name, False)
+  if mapping == "minilm":
+    return _minilm_mapping(names)
+  if callable(mapping):
+    return mapping
+  raise ValueError(f"mapping must be 'minilm', 'gpt', None or a callable; got {mapping!r}")
+
+
+def _split(path) -> tuple:
+  """A params path as a key tuple; digit components of a dotted name are list indices (NNX)."""
+  if isinstance(path, str):
+    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
+  return tuple(path)
+
+
+def _resolve(fn: Callable[[str], Any], name: str) -> Optional[tuple[tuple, bool]]:
+  r = fn(name)
+  if r is None:
+    return None
+  if isinstance(r, (str, list)) or (isinstance(r, tuple) and (len(r) != 2 or not isinstance(
+      r[1], bool))):
+    return _split(r), False
+  if isinstance(r, tuple) and isinstance(r[0], (str, tuple, list)):
+    return _split(r[0]), r[1]
+  raise TypeError(f"mapping({name!r}) must return (path, transpose), a path or None; got {r!r}")
+
+
+def _dotted(keys: tuple) -> str:
+  return ".".join(str(k) for k in keys)
+
+
+# --- target validation ----------------------------------------------------------------------
+
+
+def _raw_key(k):
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return k
+
+
+def _target_leaves(target) -> dict[str, tuple[tuple, tuple, Any]]:
+  """dotted name -> (key tuple, shape, dtype) of every array leaf of ``target``."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target, is_leaf=is_quantized)[0]:
+    keys = tuple(_raw_key(k) for k in path)
+    if keys and keys[-1] in ("value", "raw_value"):
+      keys = keys[:-1]
+    out[path_str(path)] = (keys, tuple(leaf.shape), np.dtype(leaf.dtype))
+  return out
+
+
+def _check_target(entries: dict, target) -> dict:
+  want = _target_leaves(target)
+  missing = sorted(set(want) - set(entries))
+  extra = sorted(set(entries) - set(want))
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} target params have no tensor in the checkpoint, e.g. "
+                    f"{missing[:3]}")
+  if extra:
+    problems.append(f"{len(extra)} mapped tensors are not in the target, e.g. "
+                    + ", ".join(f"{entries[n]['name']!r} -> {n}" for n in extra[:3])
+                    + " (map them to None to drop them)")
+  for n in sorted(set(want) & set(entries)):
+    e = entries[n]
+    if e["shape"] != want[n][1]:
+      problems.append(f"{e['name']!r} -> {n}: shape {e['shape']}"
+                      f"{' (transposed)' if e['transpose'] else ''} != target {want[n][1]}")
+  if problems:
+    raise ValueError("load_quantized: the checkpoint does not match the target:\n  "
+                     + "\n  ".join(problems))
+  return want
+
+
+# --- sharding ---------------------------------------------------------------------------------
+
+
+def _fit(sharding: Optional[Sharding], shape) -> Optional[Sharding]:
+  """``sharding`` if it can lay out ``shape``, else replication on the same mesh."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  ok = len(spec) <= len(shape) and all(
+      axes is None or dim % math.prod(sharding.mesh.shape[a] for a in (
+          axes if isinstance(axes, tuple) else (axes,))) == 0
+      for dim, axes in zip(shape, spec))
+  return sharding if ok else NamedSharding(sharding.mesh, PartitionSpec(),
+                                           memory_kind=sharding.memory_kind)
+
+
+def _axis0(sharding: Optional[Sharding], shape) -> Optional[Sharding]:
+  """The axis-0 part of ``sharding`` for one of a quantized leaf's arrays (packed bytes run
+  along the (out, in) matrix's rows, so axis-0 shards are whole output rows)."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)[:1]
+  return _fit(NamedSharding(sharding.mesh, PartitionSpec(*spec),
+                            memory_kind=sharding.memory_kind), shape)
+
+
+# --- the on-device quantizer -----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _quantizer(shape: tuple, dtype, transpose: bool, out_dtype, layout: tuple,
+               config: BitsAndBytesConfig, sharding: Optional[Sharding]) -> Callable:
+  """A jitted ``raw tensor -> quantized leaf`` for one (shape, dtype, layout, sharding)."""
+
+  nested = (sharding is not None and config.load_in_4bit
+            and config.bnb_4bit_use_double_quant)
+
+  def fn(x):
+    _stats["traces"] += 1
+    x = (x.T if transpose else x).astype(out_dtype)
+    if not nested:
+      return _quantize_leaf(x, *layout, config)
+    # The double-quant offset is a mean over all blocks: a sharded reduction sums in another
+    # order (1 ulp off). Blocks quantize sharded; the small absmax (1/16 of an fp32 tensor) is
+    # replicated so its mean, and so every bit, equals the unsharded jaxbnb.quantize.
+    leaf = _quantize_leaf(x, *layout,
+                          dataclasses.replace(config, bnb_4bit_use_double_quant=False))
+    absmax = leaf.state.absmax
+    if isinstance(sharding, NamedSharding):
+      absmax = jax.lax.with_sharding_constraint(
+          absmax, NamedSharding(sharding.mesh, PartitionSpec()))
+    qabsmax, offset, state2 = nest_absmax(absmax, 256)
+    return dataclasses.replace(leaf, state=dataclasses.replace(
+        leaf.state, absmax=qabsmax, offset=offset, state2=state2))
+
+  if sharding is None:
+    return jax.jit(fn)
+  out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+  _stats["traces"] -= 1  # eval_shape traced it; that was not a compilation
+  return jax.jit(fn, out_shardings=jax.tree.map(lambda a: _axis0(sharding, a.shape), out))
+
+
+# --- load_quantized ----------------------------------------------------------------------------
+
+
+def _bytes(shape, dtype) -> int:
+  return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mapping = None,
+                   target: Any = None, sharding: ShardingSpec = None,
+                   progress: bool = True) -> dict:
+  """Load a float safetensors checkpoint, quantizing tensor by tensor on the device.
+
+  Args:
+    path: a ``.safetensors`` file, a ``*.index.json``, or a directory holding
+      ``model.safetensors`` or ``model.safetensors.index.json`` (shards). fp32/fp16/bf16.
+    config: a :class:`BitsAndBytesConfig`; leaves are chosen as :func:`jaxbnb.quantize` does
+      (last path component ``kernel``/``weight``/``embedding``, ``llm_int8_skip_modules``).
+    mapping: checkpoint name -> ``(params path, transpose)`` (path: a key tuple or a dotted
+      name whose digit parts become list indices), a path alone (no transpose), or ``None`` to
+      drop the tensor. Built in: ``"minilm"`` (Hugging Face BertModel names ->
+      :class:`jaxbnb.models.bert.MiniLM`, torch ``(out, in)`` weights transposed to kernels) and
+      ``"gpt"`` / ``None`` (the file holds the params' own dotted names, as ``path_str`` gives).
+    target: optional abstract params (e.g. ``jax.eval_shape(lambda: nnx.state(model))`` or its
+      pure dict): every target leaf must get a tensor, every tensor a target leaf, with equal
+      shapes (``ValueError`` listing what differs, raised before any data is read). Floats are
+      cast to the target's dtypes and the result uses the target's keys.
+    sharding: a ``Sharding`` for every leaf, or ``(dotted path, shape) -> Sharding | None``.
+      Float leaves get it (replicated on its mesh where the shape does not divide); a quantized
+      leaf's arrays get its axis-0 part (when it divides, else replicated). The float tensor
+      goes onto the devices with that axis-0 sharding, so quantization runs sharded.
+    progress: show a tqdm bar of bytes read (with the bytes kept on the device).
+
+  Returns:
+    Nested dicts of arrays and :class:`Quantized4bit`/:class:`Quantized8bit` leaves, equal bit
+    for bit to ``jaxbnb.quantize`` of the float params; feed it to ``nnx.replace_by_pure_dict``
+    or use it as Linen's ``{'params': ...}``.
+  """
+  if not isinstance(config, BitsAndBytesConfig):
+    raise TypeError("load_quantized(path, config) needs a jaxbnb.BitsAndBytesConfig")
+  reader = _Reader(path)
+  names = reader.keys()
+  fn = _builtin(mapping, names)
+
+  # Plan from the headers alone: names, shapes, dtypes; nothing is read yet.
+  entries: dict[str, dict] = {}
+  for name in names:
+    r = _resolve(fn, name)
+    if r is None:
+      continue
+    keys, transpose = r
+    view = reader.handles[reader.where[name]].get_slice(name)
+    shape = tuple(view.get_shape())
+    dtype = _np_dtype(view.get_dtype())
+    dotted = _dotted(keys)
+    if dotted in entries:
+      raise ValueError(f"{entries[dotted]['name']!r} and {name!r} both map to {dotted}")
+    entries[dotted] = dict(name=name, keys=keys, transpose=transpose, raw_shape=shape,
+                           dtype=dtype, shape=shape[::-1] if transpose else shape)
+  if target is not None:
+    want = _check_target(entries, target)
+    for dotted, e in entries.items():
+      e["keys"] = want[dotted][0]
+      if jnp.issubdtype(e["dtype"], jnp.floating):
+        e["out_dtype"] = want[dotted][2]
+
+  tree: dict = {}
+  used: set = set()
+  total = sum(_bytes(e["raw_shape"], e["dtype"]) for e in entries.values())
+  kept = 0
+  bar = _bar(total, progress)
+  try:
+    for dotted, e in entries.items():
+      s = sharding(dotted, e["shape"]) if callable(sharding) else sharding
+      dtype, out_dtype = e["dtype"], np.dtype(e.get("out_dtype", e["dtype"]))
+      layout = _layout(dotted.rsplit(".", 1)[-1], jax.ShapeDtypeStruct(e["shape"], out_dtype),
+                       config)
+      if layout is not None:
+        hit = [p for p in config.llm_int8_skip_modules if _matches(p, dotted)]
+        used.update(hit)
+        layout = None if hit else layout
+      host = reader.get(e["name"])  # the one tensor read into host memory
+      if layout is None:
+        x = host.T if e["transpose"] else host
+        leaf = jax.device_put(x.astype(out_dtype, copy=False), _fit(s, e["shape"]))
+      else:
+        x = jax.device_put(host, _axis0(s, e["raw_shape"]))
+        leaf = _quantizer(e["raw_shape"], dtype, e["transpose"], out_dtype, layout, config,
+                          s)(x)
+        jax.block_until_ready(leaf)  # one float tensor in flight, not a queue of them
+        x.delete()
+        del x
+      del host
+      kept += sum(a.nbytes for a in jax.tree.leaves(leaf))
+      _insert(tree, e["keys"], leaf)
+      if bar is not None:
+        bar.update(_bytes(e["raw_shape"], dtype))
+        bar.set_postfix_str(f"kept {_human(kept)}", refresh=False)
+  finally:
+    if bar is not None:
+      bar.close()
+  unused = [p for p in config.llm_int8_skip_modules if p not in used and p != "lm_head"]
+  if unused:
+    warnings.warn(f"llm_int8_skip_modules patterns matched no quantizable leaf: {unused}",
+                  stacklevel=2)
+  return tree
+
+
+def _np_dtype(st: str) -> np.dtype:
+  table = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+  if st not in table:
+    raise ValueError(f"unsupported safetensors dtype {st}")
+  return np.dtype(table[st])
+
+
+def _insert(tree: dict, keys: tuple, leaf) -> None:
+  node = tree
+  for k in keys[:-1]:
+    node = node.setdefault(k, {})
+    if not isinstance(node, dict):
+      raise ValueError(f"{_dotted(keys)}: {k} is both a leaf and a subtree")
+  if keys[-1] in node:
+    raise ValueError(f"{_dotted(keys)}: two tensors map to it")
+  node[keys[-1]] = leaf
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "kB", "MB", "GB"):
+    if n < 1000:
+      return f"{n:.1f} {unit}"
+    n /= 1000
+  return f"{n:.1f} TB"
+
+
+def _bar(total: int, progress: bool):
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, unit="B", unit_scale=True, desc="load_quantized")
+
+
+# --- host offload ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HostOffloaded:
+  """A float leaf kept in pinned host memory; :func:`jaxbnb.intercept` moves it to the device
+  where the traced program first uses it (``jax.device_put(.., jax.memory.Space.Device)``, a
+  transfer inside the caller's jit). ``array``: the leaf, any shape and dtype, unchanged."""
+
+  array: jax.Array
+
+  @property
+  def shape(self) -> tuple:
+    return tuple(self.array.shape)
+
+  @property
+  def dtype(self):
+    return self.array.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.array.nbytes)
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The array in device memory (works under ``jit``), in ``dtype`` (default: its own)."""
+    x = jax.device_put(self.array, jax.memory.Space.Device)
+    return x if dtype is None else x.astype(dtype)
+
+
+jax.tree_util.register_dataclass(HostOffloaded, data_fields=["array"], meta_fields=[])
+
+
+def is_offloaded(x) -> bool:
+  return isinstance(x, HostOffloaded)
+
+
+def host_memory_supported(device=None) -> bool:
+  """Whether ``device`` (default: the first) has a pinned host memory space."""
+  device = device or jax.devices()[0]
+  try:
+    return any(m.kind == HOST_KIND for m in device.addressable_memories())
+  except Exception:  # noqa: BLE001 - a backend without memory-kind support
+    return False
+
+
+def offload(params: Any, patterns: Sequence[str]) -> Any:
+  """``params`` with the float leaves whose path matches ``patterns`` in pinned host memory.
+
+  Patterns match as ``llm_int8_skip_modules`` does (a name matches any path component,
+  ``"lm_head"``; a glob matches the dotted path). Matched leaves become :class:`HostOffloaded`
+  (same values and dtype); run the model through :func:`jaxbnb.intercept`. Quantized leaves
+  cannot be offloaded (``ValueError``: keep them out of quantization with
+  ``llm_int8_skip_modules``). Without host memory kinds on the backend this warns and returns
+  ``params`` unchanged.
+  """
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  if not host_memory_supported():
+    warnings.warn(f"jaxbnb.interop.offload: {jax.devices()[0].platform} has no '{HOST_KIND}' "
+                  f"memory; {list(patterns)} stay in device memory", stacklevel=2)
+    return params
+  used = set()
+
+  def one(path, leaf):
+    name = path_str(path)
+    hit = [p for p in patterns if _matches(p, name)]
+    if not hit or is_offloaded(leaf):
+      return leaf
+    used.update(hit)
+    if is_quantized(leaf):
+      raise ValueError(f"{name} is quantized; only float leaves are offloaded (add "
+                       f"{hit[0]!r} to llm_int8_skip_modules to keep it in full precision)")
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    return HostOffloaded(jax.device_put(leaf, leaf.sharding.with_memory_kind(HOST_KIND)))
+
+  out = jax.tree_util.tree_map_with_path(
+      one, params, is_leaf=lambda x: is_quantized(x) or is_offloaded(x))
+  unused = [p for p in patterns if p not in used]
+  if unused:
+    warnings.warn(f"offload patterns matched no leaf: {unused}", stacklevel=2)
+  return out
