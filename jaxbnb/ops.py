@@ -4,13 +4,16 @@ Every op is a ``jax.custom_vjp`` whose backward pass re-dequantizes the weight i
 saving a float copy (QLoRA's memory rests on this). The weight itself gets no gradient: it is
 frozen, packed data.
 
-``backend``: ``"xla"`` (this module, runs everywhere) or ``"auto"``; Pallas GPU kernels plug
-into :func:`_dispatch` when they land.
+``backend``: ``"xla"`` (this module, runs everywhere), ``"pallas"`` (the Pallas kernels where
+one covers the problem; on a non-GPU backend they run in interpret mode, for tests) or ``"auto"``
+(XLA for now; Pallas on GPU once the kernels are measured there). A problem no kernel covers (shape,
+dtype, quant type) always takes the XLA path: ``backend`` picks speed, never the answer.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any, Optional
 
@@ -18,10 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbnb.functional import fourbit as _fourbit
 from jaxbnb.functional import int8 as _int8
+from jaxbnb.functional.blockwise import unnest_absmax
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray
+from pallas_kernels import gemv_4bit as _pallas_gemv
 
-_BACKENDS = ("auto", "xla")
+_BACKENDS = ("auto", "xla", "pallas")
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
                          tuple[tuple[int, ...], tuple[int, ...]]]
@@ -37,8 +43,16 @@ def _dot_f32(lhs, rhs, dims):
 
 def _check_backend(backend: str) -> None:
   if backend not in _BACKENDS:
-    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r} (the Pallas "
-                     "kernels are not in this release yet)")
+    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+
+
+def _pallas_interpret(backend: str) -> Optional[bool]:
+  """None: use XLA. Else whether the Pallas kernels must run in interpret mode (no GPU)."""
+  # "auto" stays on XLA until the kernels have been compiled and timed on a GPU (they are
+  # verified in interpret mode and lower for CUDA, but have not run on a device yet).
+  if backend == "pallas":
+    return jax.default_backend() != "gpu"
+  return None
 
 
 def _compute_dtype(x_dtype, w: QuantizedArray):
@@ -129,6 +143,16 @@ def _linear(x, w, bias, backend):
   n_out, n_in = w.matrix_shape
   if x.shape[-1] != n_in:
     raise ValueError(f"input has {x.shape[-1]} features; the weight expects {n_in}")
+  _check_backend(backend)
+  interpret = _pallas_interpret(backend)
+  m = math.prod(x.shape[:-1])
+  if (interpret is not None and jnp.issubdtype(x.dtype, jnp.floating)
+      and _pallas_gemv.supported(m, n_out, n_in, w.state.blocksize, w.state.quant_type,
+                                 w.compute_dtype)):
+    y = _gemv_pallas(x.reshape(m, n_in), w, interpret).reshape(*x.shape[:-1], n_out)
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
   # Contract x's last axis with the input axes of the logical array.
   if w.transposed:
     x2 = x.reshape(*x.shape[:-1], *w.shape[:w.n_in])
@@ -141,6 +165,39 @@ def _linear(x, w, bias, backend):
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gemv_pallas(x2, w, interpret):
+  """float32 ``(M, in) @ W.T`` by the Pallas GEMV (M <= 16; nested absmax decoded by XLA).
+
+  ``x`` is rounded to ``w.compute_dtype`` like the XLA path; ``W`` is used as exact float32
+  ``code * absmax`` (the XLA path rounds it to ``compute_dtype`` first).
+  """
+  n_out, _ = w.matrix_shape
+  return _pallas_gemv.gemv_4bit(
+      x2.astype(w.compute_dtype), _fourbit.storage_bytes(w.packed), unnest_absmax(w.state),
+      n_out=n_out, blocksize=w.state.blocksize, quant_type=w.state.quant_type,
+      out_dtype=jnp.float32, interpret=interpret)
+
+
+def _gemv_pallas_fwd(x2, w, interpret):
+  return _gemv_pallas(x2, w, interpret), (w, jax.ShapeDtypeStruct(x2.shape, x2.dtype))
+
+
+def _gemv_pallas_bwd(interpret, res, g):
+  del interpret
+  w, x_spec = res
+  # dx = g @ W with W dequantized again (XLA; not saved), transposing the same ops as the XLA
+  # forward so both backends give the same gradient. The packed weight gets no cotangent.
+  cd = w.compute_dtype
+  wd = w.dequantize_matrix(cd)
+  f = lambda x2: _dot_f32(x2.astype(cd), wd, (((1,), (1,)), ((), ())))
+  (dx,) = jax.linear_transpose(f, x_spec)(g)
+  return dx, None
+
+
+_gemv_pallas.defvjp(_gemv_pallas_fwd, _gemv_pallas_bwd)
 
 
 # --- LLM.int8() ---------------------------------------------------------------------------------

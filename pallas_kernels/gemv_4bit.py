@@ -1,0 +1,145 @@
+"""Pallas kernel: ``y = x @ W.T`` for a small batch ``x (M<=16, K)`` and a packed NF4/FP4 ``W (N, K)``.
+
+``W`` is bitsandbytes' layout: row-major ``(N, K)``, two codes per byte (element ``2j`` in the
+HIGH nibble), blocks of ``bs`` along ``K`` (``K % bs == 0``) with a float32 absmax each
+(decode nested absmax first). Accumulation is float32; the output is ``x.dtype``.
+
+Kernel design:
+  * views: bytes ``(N, K/bs, bs/2)``, absmax ``(N, K/bs)``; ``x`` is split (in XLA, it is tiny)
+    into its even and odd columns ``(Mp, K/bs, bs/2)`` float32, so the high nibbles multiply
+    ``x_even`` and the low ones ``x_odd`` with no interleave in the kernel.
+  * grid ``(cdiv(N, BN), S)``: program ``(j, s)`` owns rows ``[j*BN, (j+1)*BN)`` and the ``s``-th
+    of ``S`` equal K chunks (split-K); it reads each of its packed bytes exactly once, looping
+    over the chunk in steps of ``KB`` blocks (``KB*bs`` elements).
+  * per step: split nibbles, decode both with the select tree (no gather), then per row ``m``
+    of ``x`` (static unroll, the decoded tile is shared) form per-block partial sums
+    ``sum_j w_code * x`` ``(BN, KB)`` and scale them by the absmax once per block (bs/2 fewer
+    multiplies than scaling every weight), accumulating ``(BN,)`` in float32.
+  * each program writes float32 partials ``(S, Mp, N)``; XLA sums the ``S`` chunks.
+Block dims are powers of two (Triton); ragged ``N`` is a masked last row tile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common
+from pallas_kernels.dequant_4bit import dequantize_4bit_reference
+
+MAX_M = 16
+
+
+def supported(m: int, n: int, k: int, blocksize: int, quant_type: str, dtype) -> bool:
+  """Whether :func:`gemv_4bit` handles this problem (else use the XLA path)."""
+  return (1 <= m <= MAX_M and n >= 1 and k >= blocksize and k % blocksize == 0
+          and blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096)
+          and quant_type in common.QUANT_TYPES
+          and np.dtype(dtype) in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
+                                  np.dtype(jnp.float16)))
+
+
+def _gemv_kernel(xe_ref, xo_ref, q_ref, a_ref, o_ref, *, quant_type, m, kb, steps):
+  # xe/xo: (Mp, KB*steps, bs/2) f32; q: (BN, KB*steps, bs/2) u8; a: (BN, KB*steps) f32;
+  # o: (1, Mp, BN) f32.
+  bn = q_ref.shape[0]
+
+  def body(s, accs):
+    sl = pl.ds(pl.multiple_of(s * kb, kb), kb)
+    hi, lo = common.split_nibbles(q_ref[:, sl, :])  # (BN, KB, bs/2)
+    w_hi = common.decode_4bit(hi, quant_type)
+    w_lo = common.decode_4bit(lo, quant_type)
+    absmax = a_ref[:, sl]                           # (BN, KB)
+    out = []
+    for i in range(m):
+      part = jnp.sum(w_hi * xe_ref[i, sl, :][None] + w_lo * xo_ref[i, sl, :][None], axis=-1)
+      out.append(accs[i] + jnp.sum(part * absmax, axis=-1))
+    return tuple(out)
+
+  zeros = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m))
+  accs = jax.lax.fori_loop(0, steps, body, zeros)
+  for i in range(m):
+    o_ref[0, i, :] = accs[i]
+
+
+def tiling(n: int, k: int, blocksize: int, *, block_n: int = 64, block_k: int = 512,
+           k_per_program: int = 2048) -> tuple[int, int, int, int]:
+  """``(BN, KB, steps, S)``: row tile, blocks per step, steps per program, K splits."""
+  nb = k // blocksize
+  kb = common.pow2_divisor(nb, max(1, block_k // blocksize))
+  tiles = nb // kb
+  # Steps need not be a power of two (only the loaded KB-block slices must be).
+  cap = max(1, k_per_program // (kb * blocksize))
+  steps = max(d for d in range(1, min(cap, tiles) + 1) if tiles % d == 0)
+  # Large blocksizes make one block wider than block_k: shrink BN to keep the decoded tile
+  # (BN * KB * bs values, in registers on GPU) at most block_n * block_k.
+  bn = common.pow2_at_most(n, max(1, min(block_n, block_n * block_k // (kb * blocksize))))
+  return bn, kb, steps, tiles // steps
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "n_out", "blocksize", "quant_type", "block_n", "block_k", "k_per_program", "out_dtype",
+    "interpret", "num_warps", "num_stages"))
+def gemv_4bit(x: jax.Array, packed: jax.Array, absmax: jax.Array, *, n_out: int,
+              blocksize: int, quant_type: str, block_n: int = 64, block_k: int = 512,
+              k_per_program: int = 2048, out_dtype=None, interpret: bool = False,
+              num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+  """``x @ W.T`` with 4-bit ``W`` (Pallas kernel; see the module docstring).
+
+  Args:
+    x: ``(M, K)`` float32/bfloat16/float16, ``M <= 16``.
+    packed: uint8, at least ``N*K/2`` bytes (flattened; bnb's ``(nbytes, 1)`` is fine).
+    absmax: float32 ``(N*K/bs,)``.
+    n_out: ``N``. blocksize: ``bs`` (``K % bs == 0``). quant_type: "nf4" | "fp4".
+    block_n, block_k, k_per_program: tile sizes (rounded down to powers of two that divide).
+    out_dtype: output dtype (default ``x.dtype``); float32 skips the final rounding.
+
+  Returns:
+    ``(M, N)`` in ``out_dtype`` (float32 accumulation).
+  """
+  m, k = x.shape
+  if not supported(m, n_out, k, blocksize, quant_type, x.dtype):
+    raise ValueError(f"gemv_4bit: unsupported problem M={m} N={n_out} K={k} bs={blocksize} "
+                     f"{quant_type} {x.dtype}; use the XLA path")
+  nb, half = k // blocksize, blocksize // 2
+  bn, kb, steps, splits = tiling(n_out, k, blocksize, block_n=block_n, block_k=block_k,
+                                 k_per_program=k_per_program)
+  mp = common.next_pow2(m)
+  xf = jnp.pad(x.astype(jnp.float32), ((0, mp - m), (0, 0)))
+  xe = xf[:, 0::2].reshape(mp, nb, half)
+  xo = xf[:, 1::2].reshape(mp, nb, half)
+  q = packed.reshape(-1)[: n_out * k // 2].reshape(n_out, nb, half)
+  a = absmax.reshape(-1)[: n_out * nb].reshape(n_out, nb).astype(jnp.float32)
+  kc = kb * steps  # blocks per program
+  partial = pl.pallas_call(
+      functools.partial(_gemv_kernel, quant_type=quant_type, m=m, kb=kb, steps=steps),
+      out_shape=jax.ShapeDtypeStruct((splits, mp, n_out), jnp.float32),
+      grid=(pl.cdiv(n_out, bn), splits),
+      in_specs=[pl.BlockSpec((mp, kc, half), lambda j, s: (0, s, 0)),
+                pl.BlockSpec((mp, kc, half), lambda j, s: (0, s, 0)),
+                pl.BlockSpec((bn, kc, half), lambda j, s: (j, s, 0)),
+                pl.BlockSpec((bn, kc), lambda j, s: (j, s))],
+      out_specs=pl.BlockSpec((1, mp, bn), lambda j, s: (s, 0, j)),
+      compiler_params=None if interpret else common.triton_params(num_warps, num_stages),
+      interpret=interpret,
+      name=f"gemv_{quant_type}_bs{blocksize}",
+  )(xe, xo, q, a)
+  y = partial[0] if splits == 1 else jnp.sum(partial, axis=0)
+  return y[:m].astype(out_dtype or x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("n_out", "blocksize", "quant_type"))
+def gemv_4bit_reference(x: jax.Array, packed: jax.Array, absmax: jax.Array, *, n_out: int,
+                        blocksize: int, quant_type: str) -> jax.Array:
+  """XLA reference of :func:`gemv_4bit`: dequantize to float32, then an exact-f32 dot."""
+  m, k = x.shape
+  w = dequantize_4bit_reference(packed, absmax, n=n_out * k, blocksize=blocksize,
+                                quant_type=quant_type).reshape(n_out, k)
+  y = jax.lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())),
+                          precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+  return y.astype(x.dtype)
