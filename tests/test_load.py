@@ -1,6 +1,7 @@
 """Streaming quantize-on-load from float safetensors checkpoints, and host offload."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +188,48 @@ def test_offload_without_host_memory_warns_and_keeps_params(gpt, monkeypatch):
   with pytest.warns(UserWarning, match="no 'pinned_host' memory"):
     out = L.offload(params, ["lm_head"])
   assert out is params
+
+
+def test_truncated_file_is_a_clear_error(gpt, tmp_path):
+  _, params, _, _ = gpt
+  path = tmp_path / "model.safetensors"
+  save_file(_named(params), str(path))
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) - 1000])
+  with pytest.raises(ValueError, match="truncated|not a valid safetensors"):
+    L.load_quantized(path, CFG, progress=False)
+
+
+_RSS_SCRIPT = r"""
+import sys
+import jax, jaxbnb
+cfg = jaxbnb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+params = jaxbnb.load_quantized(sys.argv[1], cfg, progress=False)
+jax.block_until_ready(params)
+# VmHWM: this process's peak resident set. (getrusage's ru_maxrss survives exec on Linux and
+# would report the parent's peak: the test process holds the 1 GiB it just wrote.)
+status = open("/proc/self/status").read()
+print(int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024)
+"""
+
+
+def test_peak_host_memory_while_loading_1gb(tmp_path):
+  """Peak RSS of a process loading a 1 GiB float checkpoint stays under 0.6x its size (the
+  jax runtime, the packed model, one float tensor and the quantizer's temporaries)."""
+  import shutil
+  import subprocess
+  import sys
+  if not os.path.exists("/proc/self/status"):
+    pytest.skip("peak RSS is read from /proc (Linux)")
+  if shutil.disk_usage(tmp_path).free < 3 * 2**30:
+    pytest.skip("needs 3 GiB of free disk for the 1 GiB checkpoint")
+  path = tmp_path / "big.safetensors"
+  rng = np.random.default_rng(0)
+  save_file({f"blocks.{i}.mlp.fc{j}.kernel": rng.standard_normal((4096, 4096), np.float32)
+             for i in range(8) for j in (1, 2)}, str(path))
+  size = path.stat().st_size
+  assert size >= 2**30
+  out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path)], check=True,
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  peak = int(out.stdout.strip().splitlines()[-1])
+  assert peak < 0.6 * size, (peak / 2**20, size / 2**20)

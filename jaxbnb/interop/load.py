@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import re
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
@@ -259,6 +261,7 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
       if jnp.issubdtype(e["dtype"], jnp.floating):
         e["out_dtype"] = want[dotted][2]
 
+  headers: dict = {}
   tree: dict = {}
   used: set = set()
   total = sum(_bytes(e["raw_shape"], e["dtype"]) for e in entries.values())
@@ -274,12 +277,14 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
         hit = [p for p in config.llm_int8_skip_modules if _matches(p, dotted)]
         used.update(hit)
         layout = None if hit else layout
-      host = reader.get(e["name"])  # the one tensor read into host memory
+      host = _read_tensor(reader.where[e["name"]] or path, e["name"], headers)
       if layout is None:
         x = host.T if e["transpose"] else host
         leaf = jax.device_put(x.astype(out_dtype, copy=False), _fit(s, e["shape"]))
       else:
         x = jax.device_put(host, _axis0(s, e["raw_shape"]))
+        del host  # the device copy is all we need; free the host copy before the quantizer runs
+        host = None
         leaf = _quantizer(e["raw_shape"], dtype, e["transpose"], out_dtype, layout, config,
                           s)(x)
         jax.block_until_ready(leaf)  # one float tensor in flight, not a queue of them
@@ -299,6 +304,39 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
     warnings.warn(f"llm_int8_skip_modules patterns matched no quantizable leaf: {unused}",
                   stacklevel=2)
   return tree
+
+
+def _header(file) -> tuple[int, dict]:
+  """(byte offset of the data, {name: header entry}) of one safetensors file."""
+  with open(file, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  return 8 + n, header
+
+
+def _read_tensor(file, name: str, headers: dict) -> np.ndarray:
+  """One tensor read with plain file reads (not through the memory map).
+
+  Pages of a memory-mapped file stay in the process's resident set while the map is open, so
+  mmap reads would grow RSS to the whole checkpoint; a read into a fresh buffer keeps the host
+  at one tensor beyond the page cache.
+  """
+  file = os.fspath(file)
+  if file not in headers:
+    headers[file] = _header(file)
+  start, header = headers[file]
+  info = header[name]
+  begin, end = info["data_offsets"]
+  dtype = _np_dtype(info["dtype"])
+  count = (end - begin) // dtype.itemsize
+  if os.path.getsize(file) < start + end:
+    raise ValueError(f"{file}: truncated: tensor {name!r} needs bytes up to {start + end}, the "
+                     f"file has {os.path.getsize(file)}")
+  data = np.fromfile(file, dtype=dtype, count=count, offset=start + begin)
+  if data.size != count:
+    raise ValueError(f"{file}: tensor {name!r} could not be read in full (truncated file?)")
+  return data.reshape(info["shape"])
 
 
 def _np_dtype(st: str) -> np.dtype:
