@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxbnb.interop.load import is_offloaded
+from jaxbnb.host import is_offloaded
 from jaxbnb.ops import qdot_general
 from jaxbnb.qtensor import QuantizedArray, is_quantized
 

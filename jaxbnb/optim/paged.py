@@ -13,17 +13,7 @@ import warnings
 import jax
 import optax
 
-HOST_KIND = "pinned_host"
-
-
-def host_memory_supported(device=None) -> bool:
-  """Whether ``device`` (default: the first) has a pinned host memory space."""
-  device = device or jax.devices()[0]
-  try:
-    return any(m.kind == HOST_KIND for m in device.addressable_memories())
-  except Exception:  # noqa: BLE001 - a backend without memory-kind support
-    return False
-
+from jaxbnb.host import HOST_KIND, host_memory_supported
 
 def _to_host(tree):
   def put(x):
