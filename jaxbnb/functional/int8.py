@@ -11,20 +11,25 @@ dequantizes to NaN. +-Inf is an outlier when ``threshold > 0``; otherwise it beh
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbnb.functional import _checks
 
 _INV_127 = jnp.float32(7.874015718698502e-3)  # bnb multiplies by this float32 1/127
 
 
-@jax.jit
-def _quant(x, threshold):
+@functools.partial(jax.jit, static_argnames="sparse")
+def _quant(x, threshold, sparse=True):
   rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   mag = jnp.abs(rows)
-  sparse = threshold > 0
-  outliers = sparse & (mag >= threshold)
+  if sparse:
+    outliers = (threshold > 0) & (mag >= threshold)
+  else:  # threshold known to be 0: no outlier mask to build (and none for XLA to fold)
+    outliers = jnp.zeros(mag.shape, jnp.bool_)
   outlier_cols = jnp.any(outliers, axis=0)
   kept = jnp.where(outlier_cols[None, :], 0.0, rows)
   inliers = jnp.where(outliers, 0.0, mag)
@@ -52,7 +57,9 @@ def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0):
   x = jnp.asarray(x)
   if x.ndim == 0:
     raise ValueError("int8_vectorwise_quant needs at least one axis (the columns)")
-  return _quant(x, jnp.asarray(threshold, jnp.float32))
+  # A concrete threshold <= 0 selects the dense path at trace time.
+  sparse = not (isinstance(threshold, (int, float, np.number)) and threshold <= 0)
+  return _quant(x, jnp.asarray(threshold, jnp.float32), sparse=sparse)
 
 
 @jax.jit
