@@ -119,10 +119,7 @@ class Quantized4bit(QuantizedArray):
     packed = _fourbit.storage_bytes(self.packed)[: n_rows * n_cols // 2]
     packed = packed.reshape(n_rows, n_cols // 2)[rows]
     absmax = unnest_absmax(self.state).reshape(n_rows, n_cols // bs)[rows]
-    codes = _fourbit.unpack_nibbles(packed.reshape(-1)).astype(jnp.int32)
-    values = self.state.code.astype(jnp.float32)[codes]
-    if self.state.quant_type == "fp4":
-      values = jnp.where(codes >= 8, -jnp.abs(values), values)
+    values = _fourbit.decode_4bit(packed.reshape(-1), self.state.code, self.state.quant_type)
     values = values.reshape(*absmax.shape[:-1], n_cols // bs, bs) * absmax[..., None]
     return values.reshape(*rows.shape, n_cols).astype(self.state.dtype).astype(
         dtype or self.dtype)

@@ -85,13 +85,19 @@ def _quantize_4bit(x, blocksize, quant_type, compress_statistics, quant_storage)
   return q, QuantState(absmax=absmax, **common)
 
 
+def decode_4bit(packed: jax.Array, code: jax.Array, quant_type: str) -> jax.Array:
+  """float32 ``(2 * nbytes,)`` table values of packed uint8 bytes, as bnb's decoder gives them."""
+  codes = unpack_nibbles(packed).astype(jnp.int32)
+  values = code.astype(jnp.float32)[codes]
+  if quant_type == "fp4":  # bnb's FP4 decoder applies bit 3 as a sign: code 8 is -0.0
+    values = jnp.where(codes >= 8, -jnp.abs(values), values)
+  return values
+
+
 def _dequantize_4bit(q, state):
   n = int(np.prod(state.shape, dtype=np.int64))
   absmax = unnest_absmax(state)
-  codes = unpack_nibbles(storage_bytes(q))[:n].astype(jnp.int32)
-  values = state.code.astype(jnp.float32)[codes]
-  if state.quant_type == "fp4":  # bnb's FP4 decoder applies bit 3 as a sign: code 8 is -0.0
-    values = jnp.where(codes >= 8, -jnp.abs(values), values)
+  values = decode_4bit(storage_bytes(q), state.code, state.quant_type)[:n]
   values = jnp.pad(values, (0, absmax.size * state.blocksize - n))
   out = values.reshape(absmax.size, state.blocksize) * absmax[:, None]
   return out.reshape(-1)[:n].reshape(state.shape).astype(state.dtype)
