@@ -15,7 +15,6 @@ sweep. Results: docs/results/llm_int8_outliers.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import time
@@ -26,21 +25,14 @@ import numpy as np
 from flax import nnx
 
 import jaxbnb
-from jaxbnb.models.gpt import GPTConfig, next_token_loss
+from jaxbnb.models.gpt import next_token_loss
+from qlora_finetune import kjv_base_lm  # a sibling script (this folder is on sys.path)
 from jaxbnb.tree import path_str
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUTLIER_DIMS = (3, 17, 42)
 PAPER = ("paper (Table 1, 13B): vector-wise int8 degrades once outliers emerge at 6.7B; "
          "vector-wise + decomposition matches 16-bit perplexity at every scale")
-
-
-def _qlora_module():
-  spec = importlib.util.spec_from_file_location("qlora_finetune",
-                                                ROOT / "experiments" / "qlora_finetune.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def inject_outliers(flat: dict, n_layer: int, s: float) -> dict:
@@ -63,13 +55,8 @@ def main():
                       default=ROOT / "docs" / "results" / "llm_int8_outliers.json")
   args = parser.parse_args()
   start = time.perf_counter()
-  q = _qlora_module()
-  old, new = q.kjv()
-  old, new = np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8)
-  layers, width, steps, seq = (2, 64, 30, 64) if args.quick else (4, 256, 600, 128)
-  config = GPTConfig(n_layer=layers, d_model=width, n_head=max(1, width // 64), d_ff=4 * width,
-                     max_len=seq)
-  graphdef, state = q.pretrain(config, old, steps, 16, seq, ROOT / "experiments" / ".cache")
+  graphdef, state, _, new, config = kjv_base_lm(args.quick)
+  layers, width, seq = config.n_layer, config.d_model, config.max_len
   pure = nnx.to_pure_dict(state)
   leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
   flat = {path_str(p): jnp.asarray(x) for p, x in leaves}

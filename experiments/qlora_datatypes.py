@@ -16,7 +16,6 @@ nearest-code quantizer (`jaxbnb.functional.quantize_blockwise` with a 16-entry t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import time
@@ -29,7 +28,8 @@ from flax import nnx
 import jaxbnb
 from jaxbnb import functional as F
 from jaxbnb.models import bert
-from jaxbnb.models.gpt import GPTConfig, next_token_loss
+from jaxbnb.models.gpt import next_token_loss
+from qlora_finetune import kjv_base_lm  # a sibling script (this folder is on sys.path)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCK = 64
@@ -67,14 +67,6 @@ def errors(fn, mats) -> dict:
   return {"mean_abs": num_abs / n, "rel_l2": float(np.sqrt(num_sq / den_sq))}
 
 
-def _qlora_module():
-  spec = importlib.util.spec_from_file_location("qlora_finetune",
-                                                ROOT / "experiments" / "qlora_finetune.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small samples, tiny LM (smoke test)")
@@ -93,13 +85,8 @@ def main():
     minilm = minilm[:4]
 
   # (3) our LM, pretrained on the Old Testament (cached by qlora_finetune.py).
-  q = _qlora_module()
-  old, new = q.kjv()
-  old, new = np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8)
-  layers, width, steps, seq = (2, 64, 30, 64) if args.quick else (4, 256, 600, 128)
-  config = GPTConfig(n_layer=layers, d_model=width, n_head=max(1, width // 64), d_ff=4 * width,
-                     max_len=seq)
-  graphdef, state = q.pretrain(config, old, steps, 16, seq, ROOT / "experiments" / ".cache")
+  graphdef, state, _, new, config = kjv_base_lm(args.quick)
+  layers, width, seq = config.n_layer, config.d_model, config.max_len
   pure = nnx.to_pure_dict(state)
   flat = {jaxbnb.tree.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(pure)[0]}
   kernels = [k for k in flat if k.endswith("kernel") and "lm_head" not in k]

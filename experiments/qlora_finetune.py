@@ -85,6 +85,21 @@ def pretrain(config, data, steps, batch, seq, cache: pathlib.Path):
   return graphdef, state
 
 
+def kjv_base_lm(quick: bool = False):
+  """The cached KJV base model and data for the other experiments.
+
+  Returns ``(graphdef, state, old, new, config)``: the GPT pretrained on the Old Testament
+  (4 x 256, 600 steps; 2 x 64, 30 steps with ``quick``), and the Old/New Testament bytes.
+  """
+  old, new = kjv()
+  old, new = np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8)
+  layers, width, steps, seq = (2, 64, 30, 64) if quick else (4, 256, 600, 128)
+  config = GPTConfig(n_layer=layers, d_model=width, n_head=max(1, width // 64), d_ff=4 * width,
+                     max_len=seq)
+  graphdef, state = pretrain(config, old, steps, 16, seq, ROOT / "experiments" / ".cache")
+  return graphdef, state, old, new, config
+
+
 def finetune(name, graphdef, base, data, eval_data, args):
   cfg = lora.LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05)
   adapters = lora.init(base, cfg, jax.random.key(1))
