@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbnb import _explicit
 from jaxbnb.functional import fourbit as _fourbit
 from jaxbnb.functional import int8 as _int8
 from jaxbnb.functional.blockwise import unnest_absmax
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray
+from jax.sharding import PartitionSpec as P
 from pallas_kernels import gemv_4bit as _pallas_gemv
 
 _BACKENDS = ("auto", "xla", "pallas")
@@ -53,6 +55,33 @@ def _pallas_interpret(backend: str) -> Optional[bool]:
   if backend == "pallas":
     return jax.default_backend() != "gpu"
   return None
+
+
+def _sharded(fn, x, w, bias, dense_fn=None):
+  """``fn(x, w, bias)``; under an Explicit mesh (see ``jaxbnb._explicit``) its output is
+  sharded as ``dense_fn(x, W)`` would be, ``W`` the logical array with the weight's shards
+  (default: ``x @ M.T``, ``M`` the ``(out, in)`` matrix)."""
+  def specs(mesh, out):
+    def typed(shape, dtype, spec):
+      return jax.ShapeDtypeStruct(shape, dtype,
+                                  sharding=jax.sharding.NamedSharding(mesh, spec))
+    xs = typed(x.shape, x.dtype, P(*_explicit.spec_of(x, x.ndim)))
+    if dense_fn is None:
+      dense, ws = _matrix_product, typed(w.matrix_shape, x.dtype, P(*w.matrix_specs(mesh)))
+    else:
+      dense, ws = dense_fn, typed(w.shape, x.dtype, w.logical_spec(mesh))
+    try:
+      with jax.sharding.use_abstract_mesh(mesh):
+        return P(*jax.eval_shape(dense, xs, ws).sharding.spec)
+    except Exception:  # noqa: BLE001 - JAX's ShardingTypeError subclasses Exception only
+      # The dense op itself would need an out_sharding (e.g. both operands sharded on the
+      # same mesh axis): replicate the (small, activation-sized) result.
+      return P(*(None,) * out.ndim)
+  return _explicit.call(fn, (x, w, bias), specs)
+
+
+def _matrix_product(x, m):
+  return x @ m.T
 
 
 def _compute_dtype(x_dtype, w: QuantizedArray):
@@ -116,7 +145,10 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
         f"are not its input axes (the first {w.n_in}); LLM.int8() needs x's last axis against "
         "the input axes, so this product dequantizes the weight and runs in 16-bit",
         stacklevel=2)
-  return _qdot(x, w, dims, w_is_lhs, np.dtype(out_dtype or x.dtype))
+  out_dtype = np.dtype(out_dtype or x.dtype)
+  dense = ((lambda x, w: jax.lax.dot_general(w, x, dims)) if w_is_lhs
+           else (lambda x, w: jax.lax.dot_general(x, w, dims)))
+  return _sharded(lambda x, w, _: _qdot(x, w, dims, w_is_lhs, out_dtype), x, w, None, dense)
 
 
 # --- 4-bit: y = x @ W.T (+ bias) ----------------------------------------------------------------
@@ -136,7 +168,7 @@ def matmul_4bit(x: jax.Array, w: Quantized4bit, bias: Optional[jax.Array] = None
   """
   if not isinstance(w, Quantized4bit):
     raise TypeError(f"matmul_4bit expects a Quantized4bit weight; got {type(w).__name__}")
-  return _linear(x, w, bias, backend)
+  return _sharded(lambda x, w, b: _linear(x, w, b, backend), x, w, bias)
 
 
 def _linear(x, w, bias, backend):
@@ -226,8 +258,11 @@ def int8_matmul(x: jax.Array, w: Quantized8bit, bias: Optional[jax.Array] = None
   if x.shape[-1] != n_in:
     raise ValueError(f"input has {x.shape[-1]} features; the weight expects {n_in}")
   thr = w.threshold if threshold is None else float(threshold)
-  y = _int8_linear(x.reshape(-1, n_in), w, bias, thr, int(max_outlier_cols))
-  return y.reshape(*x.shape[:-1], n_out)
+
+  def run(x, w, bias):
+    y = _int8_linear(x.reshape(-1, n_in), w, bias, thr, int(max_outlier_cols))
+    return y.reshape(*x.shape[:-1], n_out)
+  return _sharded(run, x, w, bias)
 
 
 def _as_int8_linear(x, w, dims):

@@ -19,7 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from jaxbnb import _explicit
 from jaxbnb.functional import QuantState
 from jaxbnb.functional import fourbit as _fourbit
 from jaxbnb.functional import int8 as _int8
@@ -40,6 +42,50 @@ def _to_matrix(x: jax.Array, transposed: bool, n_in: int) -> jax.Array:
 
 def _from_matrix(w: jax.Array, shape, transposed: bool) -> jax.Array:
   return w.T.reshape(shape) if transposed else w.reshape(shape)
+
+
+def _axes(ndim: int, transposed: bool, n_in: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(output axes, input axes) of a logical array."""
+  if transposed:
+    return tuple(range(n_in, ndim)), tuple(range(n_in))
+  return (0,), tuple(range(1, ndim))
+
+
+def _matrix_specs(x, transposed: bool, n_in: int, mesh) -> tuple[Any, Any]:
+  """Mesh axes of the ``(out, in)`` matrix's rows and columns, from a logical array ``x``'s
+  sharding (None where a flattening would not keep each device's slice contiguous)."""
+  spec = _explicit.spec_of(x, x.ndim)
+  outs, ins = _axes(x.ndim, transposed, n_in)
+  n_rows, n_cols = _matrix_shape(x.shape, transposed, n_in)
+  rows, cols = _explicit.leading(spec, outs), _explicit.leading(spec, ins)
+  rows = rows if n_rows % _explicit.axes_size(mesh, rows) == 0 else None
+  cols = cols if n_cols % _explicit.axes_size(mesh, cols) == 0 else None
+  return rows, cols
+
+
+def _quantized_specs(q: "QuantizedArray", rows, cols, mesh):
+  """PartitionSpec tree for a quantized leaf whose matrix rows (columns) live on ``rows``
+  (``cols``): packed streams are split in runs of whole rows; block statistics follow when
+  their blocks do not straddle a device boundary; small constants are replicated."""
+  n_rows, n_cols = q.matrix_shape
+
+  def spec(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name == ".CB":
+      return P(rows, cols)
+    if name == ".SCB":
+      return P(rows)
+    if name == ".packed":
+      per = 2 * leaf.dtype.itemsize
+      return P(_explicit.stream(mesh, rows, n_rows, n_cols, leaf.shape[0], per), None)
+    if name == ".state.absmax":
+      return P(_explicit.stream(mesh, rows, n_rows, n_cols, leaf.shape[0],
+                                q.state.blocksize))
+    if name == ".state.state2.absmax":
+      return P(_explicit.stream(mesh, rows, n_rows, n_cols, leaf.shape[0],
+                                q.state.blocksize * q.state.state2.blocksize))
+    return P(*(None,) * leaf.ndim)
+  return jax.tree_util.tree_map_with_path(spec, q)
 
 
 class QuantizedArray:
@@ -70,8 +116,23 @@ class QuantizedArray:
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The logical array (original shape), in ``dtype`` (default: the original dtype)."""
-    w = self.dequantize_matrix(dtype)
-    return _from_matrix(w, self.shape, self.transposed)
+    run = lambda q: _from_matrix(q.dequantize_matrix(dtype), q.shape, q.transposed)
+    return _explicit.call(run, (self,), lambda mesh, _: self.logical_spec(mesh))
+
+  def matrix_specs(self, mesh) -> tuple[Any, Any]:
+    """Mesh axes holding the ``(out, in)`` matrix's rows and columns (None: replicated)."""
+    if isinstance(self, Quantized8bit):
+      return _explicit.spec_of(self.CB, 2)
+    return _explicit.spec_of(self.packed, 2)[0], None
+
+  def logical_spec(self, mesh) -> P:
+    """The PartitionSpec of the logical array that corresponds to :meth:`matrix_specs`."""
+    spec = [None] * self.ndim
+    outs, ins = _axes(self.ndim, self.transposed, self.n_in)
+    for axes, entry in zip((outs, ins), self.matrix_specs(mesh)):
+      if axes and entry is not None and self.shape[axes[0]] % _explicit.axes_size(mesh, entry) == 0:
+        spec[axes[0]] = entry
+    return P(*spec)
 
   def dequantize_matrix(self, dtype=None) -> jax.Array:  # pragma: no cover - abstract
     raise NotImplementedError
@@ -166,12 +227,22 @@ def quantize_4bit_array(x: jax.Array, *, transposed: bool, n_in: int = 1, blocks
                         quant_type: str = "nf4", compress_statistics: bool = False,
                         quant_storage=jnp.uint8, compute_dtype=jnp.float32) -> Quantized4bit:
   """Quantize a logical array (e.g. a Flax kernel) to a :class:`Quantized4bit` leaf."""
-  packed, state = _fourbit.quantize_4bit(
-      _to_matrix(jnp.asarray(x), transposed, n_in), blocksize=blocksize, quant_type=quant_type,
-      compress_statistics=compress_statistics, quant_storage=quant_storage)
-  return Quantized4bit(packed=packed, state=state, shape=tuple(x.shape),
-                       dtype=np.dtype(x.dtype), transposed=transposed, n_in=n_in,
-                       compute_dtype=np.dtype(compute_dtype))
+  def run(x):
+    packed, state = _fourbit.quantize_4bit(
+        _to_matrix(x, transposed, n_in), blocksize=blocksize, quant_type=quant_type,
+        compress_statistics=compress_statistics, quant_storage=quant_storage)
+    return Quantized4bit(packed=packed, state=state, shape=tuple(x.shape),
+                         dtype=np.dtype(x.dtype), transposed=transposed, n_in=n_in,
+                         compute_dtype=np.dtype(compute_dtype))
+  return _quantize_sharded(run, jnp.asarray(x), transposed, n_in)
+
+
+def _quantize_sharded(run, x, transposed: bool, n_in: int):
+  """``run(x)``; under an Explicit mesh, its packed streams sharded by ``x``'s output rows."""
+  def specs(mesh, out):
+    rows, cols = _matrix_specs(x, transposed, n_in, mesh)
+    return _quantized_specs(out, rows, cols, mesh)
+  return _explicit.call(run, (x,), specs)
 
 
 def quantize_8bit_array(x: jax.Array, *, transposed: bool, n_in: int = 1,
@@ -181,9 +252,11 @@ def quantize_8bit_array(x: jax.Array, *, transposed: bool, n_in: int = 1,
   Like bnb's ``Int8Params``, a float32/float16 weight is rounded to float16 first; bfloat16
   weights are quantized from their own values (float16 could overflow them).
   """
-  w = _to_matrix(jnp.asarray(x), transposed, n_in)
-  if w.dtype != jnp.bfloat16:
-    w = w.astype(jnp.float16)
-  cb, scb, _ = _int8.int8_vectorwise_quant(w)
-  return Quantized8bit(CB=cb, SCB=scb, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
-                       transposed=transposed, n_in=n_in, threshold=float(threshold))
+  def run(x):
+    w = _to_matrix(x, transposed, n_in)
+    if w.dtype != jnp.bfloat16:
+      w = w.astype(jnp.float16)
+    cb, scb, _ = _int8.int8_vectorwise_quant(w)
+    return Quantized8bit(CB=cb, SCB=scb, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
+                         transposed=transposed, n_in=n_in, threshold=float(threshold))
+  return _quantize_sharded(run, jnp.asarray(x), transposed, n_in)

@@ -64,3 +64,85 @@ def test_quantize_sharded_params_under_jit():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   packed = [x for x in jax.tree.leaves(q) if x.dtype == jnp.uint8]
   assert packed and all(not x.sharding.is_fully_replicated for x in packed)
+
+
+# --- JAX's Explicit sharding mode (jax.make_mesh's default axis type) ---------------------------
+
+CONFIGS = {
+    "nf4+dq": jaxbnb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_use_double_quant=True),
+    "fp4": jaxbnb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "int8": jaxbnb.BitsAndBytesConfig(load_in_8bit=True),
+}
+
+
+def _explicit_mesh():
+  mesh = jax.make_mesh((4, 2), ("a", "b"))
+  assert mesh.axis_types == (jax.sharding.AxisType.Explicit,) * 2
+  return mesh
+
+
+def _explicit_params(mesh):
+  keys = jax.random.split(jax.random.key(7), 3)
+  # 256 * 512 * 64 = a packed stream of whole rows per device for blocksize 64 nested (256 blocks).
+  col = jax.random.normal(keys[0], (256, 512)) * 2   # Flax kernel (in, out), out sharded
+  both = jax.random.normal(keys[1], (512, 256))      # sharded on both axes
+  torch_w = jax.random.normal(keys[2], (512, 256))   # torch-style (out, in), rows sharded
+  specs = {"col": {"kernel": P(None, "a")}, "both": {"kernel": P("a", "b")},
+           "torch": {"weight": P("a", None)}}
+  plain = {"col": {"kernel": col}, "both": {"kernel": both}, "torch": {"weight": torch_w}}
+  sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), plain, specs)
+  return plain, sharded
+
+
+@pytest.mark.parametrize("fmt", list(CONFIGS))
+def test_explicit_mode_quantize_equals_unsharded_and_keeps_row_shards(fmt):
+  cfg = CONFIGS[fmt]
+  mesh = _explicit_mesh()
+  plain, sharded = _explicit_params(mesh)
+  want = jaxbnb.quantize(plain, cfg)
+  with jax.set_mesh(mesh):
+    for got in (jaxbnb.quantize(sharded, cfg), jax.jit(lambda p: jaxbnb.quantize(p, cfg))(sharded)):
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        if jnp.issubdtype(a.dtype, jnp.integer) or a.shape == (16,) or a.shape == (256,):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # codes, codebooks
+        else:  # the nested-absmax mean is a distributed sum: its last bit may round differently
+          np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=5e-7)
+      # Output-feature shards survive as runs of whole rows of the (out, in) stream.
+      for name in ("col", "torch"):
+        leaf = got[name]["kernel" if name == "col" else "weight"]
+        lead = leaf.CB if fmt == "int8" else leaf.packed
+        assert jax.typeof(lead).sharding.spec[0] == "a", (name, jax.typeof(lead))
+        if fmt != "int8":
+          assert jax.typeof(leaf.state.absmax).sharding.spec[0] == "a"
+      # dequantize gives the logical array with those shards back.
+      deq = jaxbnb.dequantize(got)
+      for (name, key), spec in ((("col", "kernel"), P(None, "a")),
+                                (("torch", "weight"), P("a", None))):
+        assert jax.typeof(deq[name][key]).sharding.spec == spec
+        np.testing.assert_allclose(np.asarray(deq[name][key]),
+                                   np.asarray(jaxbnb.dequantize(want)[name][key]),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", list(CONFIGS))
+def test_explicit_mode_matmul_and_grad_equal_unsharded(fmt):
+  cfg = CONFIGS[fmt]
+  mesh = _explicit_mesh()
+  plain, sharded = _explicit_params(mesh)
+  x = jax.random.normal(jax.random.key(1), (8, 256)).at[0, 3].set(9.0)  # an int8 outlier
+  loss = lambda x, w: jnp.sum(jnp.tanh(jaxbnb.matmul(x, w) / 64))
+  w0 = jaxbnb.quantize(plain, cfg)["col"]["kernel"]
+  want_y, want_g = jaxbnb.matmul(x, w0), jax.grad(loss)(x, w0)
+  with jax.set_mesh(mesh):
+    w = jaxbnb.quantize(sharded, cfg)["col"]["kernel"]
+    xs = jax.device_put(x, NamedSharding(mesh, P("b", None)))
+    y = jax.jit(jaxbnb.matmul)(xs, w)
+    assert jax.typeof(y).sharding.spec == P("b", "a")  # as a dense x @ kernel would be
+    g = jax.jit(jax.grad(loss))(xs, w)
+    # Through an unmodified function too (jaxbnb.intercept).
+    yi = jax.jit(jaxbnb.intercept(lambda p, x: x @ p["col"]["kernel"]))(
+        jaxbnb.quantize(sharded, cfg), xs)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(yi), np.asarray(want_y), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(want_g), rtol=1e-5, atol=1e-4)
