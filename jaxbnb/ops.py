@@ -28,6 +28,7 @@ from jaxbnb.functional.blockwise import unnest_absmax
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray
 from jax.sharding import PartitionSpec as P
 from pallas_kernels import gemv_4bit as _pallas_gemv
+from pallas_kernels import int8_matmul as _pallas_int8
 
 _BACKENDS = ("auto", "xla", "pallas")
 
@@ -137,7 +138,7 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
   dims = jax.tree.map(int, dimension_numbers)
   dims = (tuple(map(tuple, dims[0])), tuple(map(tuple, dims[1])))
   if isinstance(w, Quantized8bit):
-    int8_case = None if w_is_lhs else _as_int8_linear(x, w, dims)
+    int8_case = None if w_is_lhs else _as_int8_linear(x, w, dims, backend)
     if int8_case is not None:
       return int8_case(out_dtype or x.dtype)
     warnings.warn(
@@ -260,12 +261,16 @@ def int8_matmul(x: jax.Array, w: Quantized8bit, bias: Optional[jax.Array] = None
   thr = w.threshold if threshold is None else float(threshold)
 
   def run(x, w, bias):
-    y = _int8_linear(x.reshape(-1, n_in), w, bias, thr, int(max_outlier_cols))
+    m = math.prod(x.shape[:-1])
+    interpret = _pallas_interpret(backend)
+    if interpret is not None and not _pallas_int8.supported(m, w.CB.shape[0], n_in, x.dtype):
+      interpret = None  # no kernel covers this (local) problem: the XLA path
+    y = _int8_linear(x.reshape(m, n_in), w, bias, thr, int(max_outlier_cols), interpret)
     return y.reshape(*x.shape[:-1], n_out)
   return _sharded(run, x, w, bias)
 
 
-def _as_int8_linear(x, w, dims):
+def _as_int8_linear(x, w, dims, backend="auto"):
   """The LLM.int8() path when ``dims`` contract x's last axis with the weight's input axes."""
   (xc, wc), (xb, wb) = dims
   in_axes = tuple(range(w.n_in)) if w.transposed else tuple(range(1, w.ndim))
@@ -276,14 +281,22 @@ def _as_int8_linear(x, w, dims):
   lead = x.shape[:x.ndim - n_in_axes]
 
   def run(out_dtype):
-    y = int8_matmul(x.reshape(*lead, -1), w)
+    y = int8_matmul(x.reshape(*lead, -1), w, backend=backend)
     return y.reshape(*lead, *out_axes).astype(out_dtype)
   return run
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _int8_linear(x, w, bias, threshold, max_outlier_cols):
-  return _int8_linear_impl(x, w, bias, threshold, max_outlier_cols)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _int8_linear(x, w, bias, threshold, max_outlier_cols, interpret):
+  return _int8_linear_fwd_impl(x, w, bias, threshold, max_outlier_cols, interpret)
+
+
+def _int8_linear_fwd_impl(x, w, bias, threshold, max_cols, interpret):
+  """interpret None: the XLA path; else the Pallas kernels (interpret mode off a GPU)."""
+  if interpret is None:
+    return _int8_linear_impl(x, w, bias, threshold, max_cols)
+  return _pallas_int8.int8_linear(x, w.CB, w.SCB, bias, threshold=threshold,
+                                  max_outlier_cols=max_cols, interpret=interpret)
 
 
 def _int8_linear_impl(x, w, bias, threshold, max_cols):
@@ -321,13 +334,14 @@ def _outlier_product(x, w, outlier_cols, max_cols):
   return jax.lax.cond(jnp.sum(outlier_cols) <= k, gathered, masked, None)
 
 
-def _int8_linear_fwd(x, w, bias, threshold, max_cols):
-  out = _int8_linear_impl(x, w, bias, threshold, max_cols)
+def _int8_linear_fwd(x, w, bias, threshold, max_cols, interpret):
+  out = _int8_linear_fwd_impl(x, w, bias, threshold, max_cols, interpret)
   bias_spec = None if bias is None else jax.ShapeDtypeStruct(bias.shape, bias.dtype)
   return out, (w, bias_spec, jax.ShapeDtypeStruct(x.shape, x.dtype))
 
 
-def _int8_linear_bwd(threshold, max_cols, res, g):
+def _int8_linear_bwd(threshold, max_cols, interpret, res, g):
+  del interpret  # the backward pass is XLA's for both backends
   w, bias_spec, x_spec = res
   # bnb's backward: grad_x = g @ (CB * SCB / 127) in the input dtype.
   dx = _dot_f32(g.astype(x_spec.dtype), w.dequantize_matrix(x_spec.dtype),
