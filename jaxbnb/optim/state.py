@@ -6,6 +6,12 @@ absmax per block of ``block_size`` elements (flattened row-major). Small leaves 
 ``min_8bit_size`` elements) and leaves masked to full precision keep a float32 array.
 Moments are read in float32, updated in float32 and written back re-quantized to the nearest
 code, as bitsandbytes' blockwise kernels do.
+
+Rounding is pinned down so that every backend computes the same bits (the fused Pallas kernel,
+pallas_kernels/optim_8bit.py, equals this path bit for bit): a product that feeds an add is
+written ``a * b + z`` with ``z = runtime_zero()``, a 0.0 the compiler cannot constant-fold.
+Whether or not a compiler contracts it into ``fma(a, b, z)``, it is the product rounded once;
+without it XLA:CPU picks which of two products to fuse by operand order and use counts.
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ jax.tree_util.register_dataclass(QuantizedMoment, data_fields=["q", "absmax"],
 Moment = Union[QuantizedMoment, jax.Array]
 
 
+def runtime_zero() -> jax.Array:
+  """float32 0.0 hidden from constant folding (see the module docstring)."""
+  return jax.lax.optimization_barrier(jnp.zeros((), jnp.float32))
+
+
 def _code(signed: bool) -> jax.Array:
   return create_dynamic_map(signed=signed)
 
@@ -89,7 +100,8 @@ def write_moment(old: Moment, new: jax.Array) -> Moment:
   new = jnp.clip(jnp.nan_to_num(new, nan=0.0), -_F32_MAX, _F32_MAX)
   blocks = to_blocks(new, old.block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=1)
-  q = nearest_code(normalize(blocks, absmax), _code(old.signed))
+  # + 0: the normalized value is rounded before nearest_code subtracts codes from it.
+  q = nearest_code(normalize(blocks, absmax) + runtime_zero(), _code(old.signed))
   return QuantizedMoment(q.reshape(-1)[: new.size].reshape(new.shape), absmax, old.signed,
                          old.block_size)
 

@@ -7,6 +7,11 @@ Each mirrors an optax transform (same argument names and outputs) and adds ``blo
 Non-finite gradients (bitsandbytes' rule): an element whose gradient is NaN or +-Inf is
 skipped — its moments keep their values and its update is 0 — so one bad element never
 poisons the optimizer state, and an 8-bit run never turns NaN where it would not in float32.
+
+``backend`` (Adam, Lion, momentum): ``"xla"`` (this module, runs everywhere), ``"pallas"`` (the
+fused kernel of pallas_kernels/optim_8bit.py for every leaf whose moments are 8-bit; interpret
+mode without a GPU, for tests) or ``"auto"`` (XLA until the kernel is timed on a GPU). Both give
+the same bits: products are rounded explicitly (``a * b + z``, see jaxbnb.optim.state).
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, check_block_size, init_moment,
-                                read_moment, use_8bit_tree, write_moment)
+from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, _code, check_block_size,
+                                init_moment, read_moment, runtime_zero, use_8bit_tree,
+                                write_moment)
+from pallas_kernels import optim_8bit as _kernel
+
+_BACKENDS = ("auto", "xla", "pallas")
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -57,10 +66,53 @@ def _map(fn, updates, *moment_trees):
           *(d.unflatten([o[i + 1] for o in outs]) for i, (_, d) in enumerate(flat)))
 
 
+def _pallas_interpret(backend: str):
+  """None: the XLA path. Else whether the Pallas kernel runs in interpret mode (no GPU)."""
+  if backend not in _BACKENDS:
+    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+  # "auto" stays on XLA until the kernel has been compiled and timed on a GPU.
+  if backend == "pallas":
+    return jax.default_backend() != "gpu"
+  return None
+
+
+def _fused(kind, interpret, scalars, g, *moments):
+  """The Pallas kernel for one leaf whose moments are all 8-bit, else None (XLA path)."""
+  if (interpret is None or g.size == 0
+      or not all(isinstance(m, QuantizedMoment) for m in moments)):
+    return None
+  block_size = moments[0].block_size
+  u, new = _kernel.update_8bit(
+      g, [(m.q, m.absmax) for m in moments], [_code(m.signed) for m in moments],
+      _kernel.scalar_vector(scalars), kind=kind, block_size=block_size, interpret=interpret)
+  return (u, *(QuantizedMoment(q, a, m.signed, m.block_size)
+               for (q, a), m in zip(new, moments)))
+
+
 def _finite(g):
   g = g.astype(jnp.float32)
   ok = jnp.isfinite(g)
   return jnp.where(ok, g, 0.0), ok
+
+
+def adam_scalars(b1, b2, eps, eps_root, count, z):
+  """Adam's per-step scalars ``(b1, 1-b1, b2, 1-b2, eps_root, eps*sqrt(c2), sqrt(c2)/c1)``
+  (``c = 1 - b^t``): computed once per step, shared by the XLA path and the kernel."""
+  t = count.astype(jnp.float32)
+  c1, c2 = 1 - jnp.power(b1, t), 1 - jnp.power(b2, t)
+  return (b1, 1 - b1, b2, 1 - b2, eps_root, eps * jnp.sqrt(c2) + z, jnp.sqrt(c2) / c1)
+
+
+def adam_leaf(g, m, v, scalars, z):
+  """XLA path of one leaf: ``(float32 direction, new m, new v)`` (moments stored like m, v)."""
+  b1, c_b1, b2, c_b2, eps_root, eps_c2, scale = scalars
+  g0, ok = _finite(g)
+  m_old, v_old = read_moment(m), read_moment(v)
+  m_new = jnp.where(ok, (b1 * m_old + z) + (c_b1 * g0 + z), m_old)
+  v_new = jnp.where(ok, (b2 * v_old + z) + (c_b2 * g0 * g0 + z), v_old)
+  denom = jnp.sqrt(v_new + eps_root) + eps_c2
+  u = jnp.where(ok, scale * m_new / denom, 0.0)
+  return u, write_moment(m, m_new), write_moment(v, v_new)
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -71,13 +123,14 @@ class ScaleByAdam8bitState(NamedTuple):
 
 def scale_by_adam_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
                        eps_root: Scalar = 0.0, *, block_size: int = 256,
-                       min_8bit_size: int = 4096,
-                       fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+                       min_8bit_size: int = 4096, fp32_mask: MaskOrFn = None,
+                       backend: str = "auto") -> optax.GradientTransformation:
   """Adam's direction ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with 8-bit ``m`` and ``v``.
 
   Computed as bitsandbytes does: ``sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps*sqrt(1-b2^t))``.
   """
   block_size = check_block_size(block_size)
+  interpret = _pallas_interpret(backend)
 
   def init_fn(params):
     use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
@@ -88,17 +141,15 @@ def scale_by_adam_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
-    c1, c2 = 1 - jnp.power(b1, t), 1 - jnp.power(b2, t)
+    z = runtime_zero()
+    scalars = adam_scalars(b1, b2, eps, eps_root, count, z)
 
     def leaf(g, m, v):
-      g0, ok = _finite(g)
-      m_old, v_old = read_moment(m), read_moment(v)
-      m_new = jnp.where(ok, b1 * m_old + (1 - b1) * g0, m_old)
-      v_new = jnp.where(ok, b2 * v_old + (1 - b2) * g0 * g0, v_old)
-      denom = jnp.sqrt(v_new + eps_root) + eps * jnp.sqrt(c2)
-      u = jnp.where(ok, (jnp.sqrt(c2) / c1) * m_new / denom, 0.0)
-      return u.astype(g.dtype), write_moment(m, m_new), write_moment(v, v_new)
+      fused = _fused("adam", interpret, scalars, g, m, v)
+      if fused is not None:
+        return fused
+      u, m, v = adam_leaf(g, m, v, scalars, z)
+      return u.astype(g.dtype), m, v
 
     u, mu, nu = _map(leaf, updates, state.mu, state.nu)
     return u, ScaleByAdam8bitState(count, mu, nu)
@@ -112,10 +163,11 @@ class ScaleByLion8bitState(NamedTuple):
 
 
 def scale_by_lion_8bit(b1: Scalar = 0.9, b2: Scalar = 0.99, *, block_size: int = 256,
-                       min_8bit_size: int = 4096,
-                       fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+                       min_8bit_size: int = 4096, fp32_mask: MaskOrFn = None,
+                       backend: str = "auto") -> optax.GradientTransformation:
   """Lion's direction ``sign(b1*m + (1-b1)*g)``, then ``m = b2*m + (1-b2)*g`` in 8 bits."""
   block_size = check_block_size(block_size)
+  interpret = _pallas_interpret(backend)
 
   def init_fn(params):
     use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
@@ -125,11 +177,16 @@ def scale_by_lion_8bit(b1: Scalar = 0.9, b2: Scalar = 0.99, *, block_size: int =
   def update_fn(updates, state, params=None):
     del params
 
+    z = runtime_zero()
+
     def leaf(g, m):
+      fused = _fused("lion", interpret, (b1, 1 - b1, b2, 1 - b2), g, m)
+      if fused is not None:
+        return fused
       g0, ok = _finite(g)
       m_old = read_moment(m)
-      u = jnp.where(ok, jnp.sign(b1 * m_old + (1 - b1) * g0), 0.0)
-      m_new = jnp.where(ok, b2 * m_old + (1 - b2) * g0, m_old)
+      u = jnp.where(ok, jnp.sign((b1 * m_old + z) + ((1 - b1) * g0 + z)), 0.0)
+      m_new = jnp.where(ok, (b2 * m_old + z) + ((1 - b2) * g0 + z), m_old)
       return u.astype(g.dtype), write_moment(m, m_new)
 
     u, mu = _map(leaf, updates, state.mu)
@@ -143,11 +200,12 @@ class Trace8bitState(NamedTuple):
 
 
 def trace_8bit(decay: Scalar, nesterov: bool = False, *, block_size: int = 256,
-               min_8bit_size: int = 4096,
-               fp32_mask: MaskOrFn = None) -> optax.GradientTransformation:
+               min_8bit_size: int = 4096, fp32_mask: MaskOrFn = None,
+               backend: str = "auto") -> optax.GradientTransformation:
   """Momentum ``m = decay*m + g`` (``optax.trace``) with ``m`` in 8 bits; Nesterov returns
   ``g + decay*m``. At the first step ``m = g``, as in bitsandbytes' SGD."""
   block_size = check_block_size(block_size)
+  interpret = _pallas_interpret(backend)
 
   def init_fn(params):
     use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
@@ -156,11 +214,16 @@ def trace_8bit(decay: Scalar, nesterov: bool = False, *, block_size: int = 256,
   def update_fn(updates, state, params=None):
     del params
 
+    z = runtime_zero()
+
     def leaf(g, m):
+      fused = _fused("nesterov" if nesterov else "momentum", interpret, (decay,), g, m)
+      if fused is not None:
+        return fused
       g0, ok = _finite(g)
       m_old = read_moment(m)
-      m_new = jnp.where(ok, decay * m_old + g0, m_old)
-      u = g0 + decay * m_new if nesterov else m_new
+      m_new = jnp.where(ok, (decay * m_old + z) + g0, m_old)
+      u = g0 + (decay * m_new + z) if nesterov else m_new
       return jnp.where(ok, u, 0.0).astype(g.dtype), write_moment(m, m_new)
 
     u, tr = _map(leaf, updates, state.trace)
