@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -146,3 +147,42 @@ def test_explicit_mode_matmul_and_grad_equal_unsharded(fmt):
   np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(np.asarray(yi), np.asarray(want_y), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(np.asarray(g), np.asarray(want_g), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: jaxbnb.optim.adamw8bit(1e-2),
+                                  lambda: jaxbnb.optim.lion8bit(1e-3),
+                                  lambda: jaxbnb.optim.ademamix8bit(1e-2)])
+def test_explicit_mode_8bit_optimizer_equals_unsharded(make):
+  """8-bit state of params sharded under an Explicit mesh: same bits as unsharded, moments
+  sharded like their params, absmax following whole-row shards."""
+  mesh = _explicit_mesh()
+  keys = jax.random.split(jax.random.key(3), 3)
+  params = {"w": jax.random.normal(keys[0], (512, 256)), "v": jax.random.normal(keys[1], (512, 256)),
+            "b": jnp.zeros((256,))}
+  specs = {"w": P("a", None), "v": P("a", "b"), "b": P()}
+  grads = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.key(k), p.shape) * 1e-2,
+                        params) for k in range(3)]
+  tx = make()
+
+  def run(params, grads):
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)))
+    for g in grads:
+      params, state = step(params, state, g)
+    return params, state
+
+  want_p, want_s = run(params, grads)
+  with jax.set_mesh(mesh):
+    put = lambda t: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, specs)
+    got_p, got_s = run(put(params), [put(g) for g in grads])
+  for a, b in zip(jax.tree.leaves((got_p, got_s)), jax.tree.leaves((want_p, want_s))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moments = [m for m in jax.tree.leaves(got_s, is_leaf=lambda x: isinstance(
+      x, jaxbnb.optim.QuantizedMoment)) if isinstance(m, jaxbnb.optim.QuantizedMoment)]
+  assert moments
+  for m in moments:
+    q_spec = jax.typeof(m.q).sharding.spec
+    assert q_spec in (P("a", None), P("a", "b")), q_spec
+    want_absmax = P("a") if q_spec == P("a", None) else P(None)
+    assert jax.typeof(m.absmax).sharding.spec == want_absmax

@@ -21,7 +21,9 @@ from typing import Any, Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
+from jaxbnb import _explicit
 from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, _code, check_block_size,
                                 init_moment, read_moment, runtime_zero, use_8bit_tree,
                                 write_moment)
@@ -46,6 +48,53 @@ def _init(params, use8, *, signed: bool, block_size: int, fill: float = 0.0):
   """
   return tuple(init_moment(p, signed=signed, block_size=block_size, use_8bit=u, fill=fill)
                for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(use8)))
+
+
+def _is_moment(x) -> bool:
+  return isinstance(x, QuantizedMoment)
+
+
+def _moment_spec(mesh, g, m):
+  """Spec of ``g``'s moment ``m``: shaped like ``g``, it shards like ``g``; its block-absmax
+  stream follows ``g``'s leading-axis shards when no block straddles them."""
+  spec = _explicit.spec_of(g, g.ndim)
+  if not _is_moment(m):
+    return P(*spec) if tuple(m.shape) == tuple(g.shape) else P(*(None,) * len(m.shape))
+  rows = _explicit.leading(spec, tuple(range(g.ndim)))
+  n_rows = g.shape[0] if g.ndim else 1
+  n_cols = g.size // n_rows if n_rows else 0
+  absmax = _explicit.stream(mesh, rows, n_rows, n_cols, m.absmax.shape[0], m.block_size)
+  return QuantizedMoment(P(*spec), P(absmax), m.signed, m.block_size)
+
+
+def _state_specs(mesh, like, state):
+  """Specs for a state whose moment fields hold one moment per leaf of ``like`` (in order)."""
+  g_leaves = jax.tree.leaves(like)
+
+  def field(x):
+    leaves, treedef = jax.tree.flatten(x, is_leaf=_is_moment)
+    if len(leaves) == len(g_leaves) and leaves and all(
+        _is_moment(m) or m.shape == g.shape for m, g in zip(leaves, g_leaves)):
+      return treedef.unflatten([_moment_spec(mesh, g, m) for g, m in zip(g_leaves, leaves)])
+    return jax.tree.map(lambda a: P(*(None,) * len(a.shape)), x)
+  if isinstance(state, tuple) and hasattr(state, "_fields"):
+    return type(state)(*(field(x) for x in state))
+  return field(state)
+
+
+def _explicit_mode(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` usable on params sharded under an Explicit mesh (see ``jaxbnb._explicit``): blocks
+  are formed with Auto axes, moments come back sharded like their params."""
+  def init_fn(params):
+    return _explicit.call(tx.init, (params,),
+                          lambda mesh, out: _state_specs(mesh, params, out))
+
+  def update_fn(updates, state, params=None):
+    def specs(mesh, out):
+      return (jax.tree.map(lambda g: P(*_explicit.spec_of(g, g.ndim)), updates),
+              _state_specs(mesh, updates, out[1]))
+    return _explicit.call(tx.update, (updates, state, params), specs)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _map(fn, updates, *moment_trees):
@@ -154,7 +203,7 @@ def scale_by_adam_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
     u, mu, nu = _map(leaf, updates, state.mu, state.nu)
     return u, ScaleByAdam8bitState(count, mu, nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _explicit_mode(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByLion8bitState(NamedTuple):
@@ -192,7 +241,7 @@ def scale_by_lion_8bit(b1: Scalar = 0.9, b2: Scalar = 0.99, *, block_size: int =
     u, mu = _map(leaf, updates, state.mu)
     return u, ScaleByLion8bitState(optax.safe_increment(state.count), mu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _explicit_mode(optax.GradientTransformation(init_fn, update_fn))
 
 
 class Trace8bitState(NamedTuple):
@@ -229,7 +278,7 @@ def trace_8bit(decay: Scalar, nesterov: bool = False, *, block_size: int = 256,
     u, tr = _map(leaf, updates, state.trace)
     return u, Trace8bitState(tr)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _explicit_mode(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByRms8bitState(NamedTuple):
@@ -262,7 +311,7 @@ def scale_by_rms_8bit(decay: Scalar = 0.9, eps: Scalar = 1e-8, initial_scale: fl
     u, nu = _map(leaf, updates, state.nu)
     return u, ScaleByRms8bitState(nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _explicit_mode(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByRss8bitState(NamedTuple):
@@ -293,7 +342,7 @@ def scale_by_rss_8bit(initial_accumulator_value: float = 0.1, eps: Scalar = 1e-7
     u, ss = _map(leaf, updates, state.sum_of_squares)
     return u, ScaleByRss8bitState(ss)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _explicit_mode(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByAdemamix8bitState(NamedTuple):
@@ -343,4 +392,4 @@ def scale_by_ademamix_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999,
     u, m1, m2, nu = _map(leaf, updates, state.m1, state.m2, state.nu)
     return u, ScaleByAdemamix8bitState(count, count_m2, m1, m2, nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _explicit_mode(optax.GradientTransformation(init_fn, update_fn))
