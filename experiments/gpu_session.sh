@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU (H100/H200) should run, split into device calls that each
+# end well inside the device tool's 10-minute limit. Logs go to $OUT (the device tool brings
+# that folder back); record the tables with device and date in docs/PERFORMANCE.md.
+#
+# Before the first call, on the CPU machine, fetch bitsandbytes' wheel (torch is on the GPU image):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# then, with the device tool (carry: [".whl"]), one stage per call:
+#   bash experiments/gpu_session.sh check    # kernels vs XLA vs bitsandbytes, on the GPU (~5 min)
+#   bash experiments/gpu_session.sh bench4   # bench_4bit.py + bench_decode.py
+#   bash experiments/gpu_session.sh bench8   # bench_int8.py + bench_optim.py
+#   bash experiments/gpu_session.sh e2e      # bench_qlora_step.py (1b, 7b)
+#   bash experiments/gpu_session.sh load     # bench_load.py (20B bf16 checkpoint -> NF4)
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh check|bench4|bench8|e2e|load}
+OUT=${OUT:-/tmp/jaxbnb_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+py=python3
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/env.txt"
+
+run() {  # run NAME CMD...: tee the output to $OUT/NAME.txt, keep going on failure
+  local name=$1; shift
+  echo "== $name: $*" | tee "$OUT/$name.txt"
+  timeout "${STEP_TIMEOUT:-540}" "$@" 2>&1 | tee -a "$OUT/$name.txt"
+  echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
+}
+
+case "$stage" in
+  check)
+    # JAX_PLATFORMS=cuda overrides tests/conftest.py's CPU default: the Pallas backend then
+    # compiles real kernels (interpret mode is only chosen off a GPU).
+    JAX_PLATFORMS=cuda STEP_TIMEOUT=500 run check $py -m pytest -q -x -p no:cacheprovider \
+      tests/test_pallas_4bit.py tests/test_pallas_int8.py tests/test_pallas_optim.py \
+      tests/test_ops.py tests/test_interop_bnb.py ;;
+  bench4)
+    STEP_TIMEOUT=420 run bench_4bit $py experiments/bench_4bit.py
+    STEP_TIMEOUT=120 run bench_decode $py experiments/bench_decode.py ;;
+  bench8)
+    STEP_TIMEOUT=360 run bench_int8 $py experiments/bench_int8.py
+    STEP_TIMEOUT=180 run bench_optim $py experiments/bench_optim.py ;;
+  e2e)
+    STEP_TIMEOUT=200 run qlora_1b $py experiments/bench_qlora_step.py --preset 1b --out "$OUT/qlora_1b.json"
+    STEP_TIMEOUT=330 run qlora_7b $py experiments/bench_qlora_step.py --preset 7b --batch 1 --out "$OUT/qlora_7b.json" ;;
+  load)
+    STEP_TIMEOUT=570 run load_20b $py experiments/bench_load.py --preset 20b --dir /tmp/gpt20b --out "$OUT/load_20b.json" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
