@@ -24,9 +24,10 @@ import numpy as np
 from jaxbnb import _explicit
 from jaxbnb.functional import fourbit as _fourbit
 from jaxbnb.functional import int8 as _int8
-from jaxbnb.functional.blockwise import unnest_absmax
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray
 from jax.sharding import PartitionSpec as P
+from pallas_kernels import common as _pallas_common
+from pallas_kernels import gemm_4bit as _pallas_gemm
 from pallas_kernels import gemv_4bit as _pallas_gemv
 from pallas_kernels import int8_matmul as _pallas_int8
 
@@ -146,6 +147,10 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
         f"are not its input axes (the first {w.n_in}); LLM.int8() needs x's last axis against "
         "the input axes, so this product dequantizes the weight and runs in 16-bit",
         stacklevel=2)
+  if isinstance(w, Quantized4bit) and not w_is_lhs:
+    pallas_case = _as_4bit_pallas_linear(x, w, dims, backend)
+    if pallas_case is not None:
+      return pallas_case(out_dtype or x.dtype)
   out_dtype = np.dtype(out_dtype or x.dtype)
   dense = ((lambda x, w: jax.lax.dot_general(w, x, dims)) if w_is_lhs
            else (lambda x, w: jax.lax.dot_general(x, w, dims)))
@@ -179,10 +184,10 @@ def _linear(x, w, bias, backend):
   _check_backend(backend)
   interpret = _pallas_interpret(backend)
   m = math.prod(x.shape[:-1])
-  if (interpret is not None and jnp.issubdtype(x.dtype, jnp.floating)
-      and _pallas_gemv.supported(m, n_out, n_in, w.state.blocksize, w.state.quant_type,
-                                 w.compute_dtype)):
-    y = _gemv_pallas(x.reshape(m, n_in), w, interpret).reshape(*x.shape[:-1], n_out)
+  kernel = (_pallas_4bit_kernel(m, n_out, n_in, w)
+            if interpret is not None and jnp.issubdtype(x.dtype, jnp.floating) else None)
+  if kernel is not None:
+    y = _linear_pallas(x.reshape(m, n_in), w, kernel, interpret).reshape(*x.shape[:-1], n_out)
     if bias is not None:
       y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -200,26 +205,72 @@ def _linear(x, w, bias, backend):
   return y.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _gemv_pallas(x2, w, interpret):
-  """float32 ``(M, in) @ W.T`` by the Pallas GEMV (M <= 16; nested absmax decoded by XLA).
+def _as_4bit_pallas_linear(x, w, dims, backend):
+  """``x @ kernel`` on a 4-bit weight by a Pallas kernel (backend "pallas"), else None.
 
-  ``x`` is rounded to ``w.compute_dtype`` like the XLA path; ``W`` is used as exact float32
-  ``code * absmax`` (the XLA path rounds it to ``compute_dtype`` first).
+  Routes ``qdot_general`` (hence ``jaxbnb.intercept``) to the kernels when ``dims`` contract x's
+  last axes with the weight's input axes and a kernel covers the problem.
+  """
+  if _pallas_interpret(backend) is None or not jnp.issubdtype(x.dtype, jnp.floating):
+    return None
+  (xc, wc), (xb, wb) = dims
+  in_axes = tuple(range(w.n_in)) if w.transposed else tuple(range(1, w.ndim))
+  n_in_axes = len(in_axes)
+  if xb or wb or tuple(wc) != in_axes or tuple(xc) != tuple(range(x.ndim - n_in_axes, x.ndim)):
+    return None
+  lead = x.shape[:x.ndim - n_in_axes]
+  n_out, n_in = w.matrix_shape
+  if _pallas_4bit_kernel(math.prod(lead), n_out, n_in, w) is None:
+    return None
+  out_axes = w.shape[w.n_in:] if w.transposed else w.shape[:1]
+
+  def run(out_dtype):
+    y = matmul_4bit(x.reshape(*lead, n_in), w, backend=backend)
+    return y.reshape(*lead, *out_axes).astype(out_dtype)
+  return run
+
+
+def _pallas_4bit_kernel(m, n_out, n_in, w) -> Optional[str]:
+  """The Pallas kernel covering ``(m, in) @ W.T``: "gemv" (M <= 16), "gemm", or None (XLA)."""
+  problem = (m, n_out, n_in, w.state.blocksize, w.state.quant_type, w.compute_dtype)
+  if _pallas_gemv.supported(*problem):
+    return "gemv"
+  if _pallas_gemm.supported(*problem):
+    return "gemm"
+  return None
+
+
+def _pallas_absmax(state):
+  """The kernels' absmax operand: float32, or (double quantization) bnb's nested storage,
+  which the kernels decode in-kernel bit-identically to ``unnest_absmax``."""
+  if state.nested:
+    return _pallas_common.NestedAbsmax(state.absmax, state.state2.absmax, state.offset,
+                                       state.state2.code)
+  return state.absmax.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _linear_pallas(x2, w, kernel, interpret):
+  """float32 ``(M, in) @ W.T`` by a Pallas kernel (``kernel``: "gemv" | "gemm").
+
+  ``x`` is rounded to ``w.compute_dtype`` like the XLA path. The GEMV uses ``W`` as exact
+  float32 ``code * absmax``; the GEMM rounds it to ``compute_dtype`` first, as the XLA path does.
   """
   n_out, _ = w.matrix_shape
-  return _pallas_gemv.gemv_4bit(
-      x2.astype(w.compute_dtype), _fourbit.storage_bytes(w.packed), unnest_absmax(w.state),
-      n_out=n_out, blocksize=w.state.blocksize, quant_type=w.state.quant_type,
-      out_dtype=jnp.float32, interpret=interpret)
+  fn = _pallas_gemv.gemv_4bit if kernel == "gemv" else _pallas_gemm.gemm_4bit
+  group = w.state.state2.blocksize if w.state.nested else _pallas_common.NESTED_GROUP
+  return fn(x2.astype(w.compute_dtype), _fourbit.storage_bytes(w.packed),
+            _pallas_absmax(w.state), n_out=n_out, blocksize=w.state.blocksize,
+            quant_type=w.state.quant_type, out_dtype=jnp.float32, interpret=interpret,
+            absmax_group=group)
 
 
-def _gemv_pallas_fwd(x2, w, interpret):
-  return _gemv_pallas(x2, w, interpret), (w, jax.ShapeDtypeStruct(x2.shape, x2.dtype))
+def _linear_pallas_fwd(x2, w, kernel, interpret):
+  return _linear_pallas(x2, w, kernel, interpret), (w, jax.ShapeDtypeStruct(x2.shape, x2.dtype))
 
 
-def _gemv_pallas_bwd(interpret, res, g):
-  del interpret
+def _linear_pallas_bwd(kernel, interpret, res, g):
+  del kernel, interpret
   w, x_spec = res
   # dx = g @ W with W dequantized again (XLA; not saved), transposing the same ops as the XLA
   # forward so both backends give the same gradient. The packed weight gets no cotangent.
@@ -230,7 +281,7 @@ def _gemv_pallas_bwd(interpret, res, g):
   return dx, None
 
 
-_gemv_pallas.defvjp(_gemv_pallas_fwd, _gemv_pallas_bwd)
+_linear_pallas.defvjp(_linear_pallas_fwd, _linear_pallas_bwd)
 
 
 # --- LLM.int8() ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Pallas kernel: ``y = x @ W.T`` for a small batch ``x (M<=16, K)`` and a packed NF4/FP4 ``W (N, K)``.
 
 ``W`` is bitsandbytes' layout: row-major ``(N, K)``, two codes per byte (element ``2j`` in the
-HIGH nibble), blocks of ``bs`` along ``K`` (``K % bs == 0``) with a float32 absmax each
-(decode nested absmax first). Accumulation is float32; the output is ``x.dtype``.
+HIGH nibble), blocks of ``bs`` along ``K`` (``K % bs == 0``) with an absmax each: float32, or
+double-quantized (:class:`common.NestedAbsmax`: uint8 codes read in place of the floats, decoded
+on the fly, bit-identically to ``unnest_absmax``). Accumulation is float32; the output is
+``x.dtype``.
 
 Kernel design:
   * views: bytes ``(N, K/bs, bs/2)``, absmax ``(N, K/bs)``; ``x`` is split (in XLA, it is tiny)
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import common
 from pallas_kernels.dequant_4bit import dequantize_4bit_reference
@@ -43,17 +46,30 @@ def supported(m: int, n: int, k: int, blocksize: int, quant_type: str, dtype) ->
                                   np.dtype(jnp.float16)))
 
 
-def _gemv_kernel(xe_ref, xo_ref, q_ref, a_ref, o_ref, *, quant_type, m, kb, steps):
-  # xe/xo: (Mp, KB*steps, bs/2) f32; q: (BN, KB*steps, bs/2) u8; a: (BN, KB*steps) f32;
-  # o: (1, Mp, BN) f32.
-  bn = q_ref.shape[0]
+def _gemv_kernel(xe_ref, xo_ref, q_ref, a_ref, *rest, quant_type, m, n, kb, steps, nb, group,
+                 interpret):
+  # xe/xo: (Mp, KB*steps, bs/2) f32; q: (BN, KB*steps, bs/2) u8; a: (BN, KB*steps) f32 (or u8
+  # codes, then rest = absmax2, offset, code whole-array refs); o: (1, Mp, BN) f32.
+  *nested_refs, o_ref = rest
+  bn, _, half = q_ref.shape
+  row = pl.program_id(0) * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, kb), 0)
+  # Pallas' Triton lowering does not mask a row tile that overhangs N: do it here.
+  ok = None if n % bn == 0 else row < n
+  if nested_refs:  # global block index of (row, 0) of this program's chunk
+    base = row * nb + pl.program_id(1) * (kb * steps) + jax.lax.broadcasted_iota(
+        jnp.int32, (bn, kb), 1)
 
   def body(s, accs):
     sl = pl.ds(pl.multiple_of(s * kb, kb), kb)
-    hi, lo = common.split_nibbles(q_ref[:, sl, :])  # (BN, KB, bs/2)
+    mask = None if ok is None else jnp.broadcast_to(ok[:, :, None], (bn, kb, half))
+    q = common.masked_load(q_ref.at[:, sl, :], mask)
+    hi, lo = common.split_nibbles(q)                # (BN, KB, bs/2)
     w_hi = common.decode_4bit(hi, quant_type)
     w_lo = common.decode_4bit(lo, quant_type)
-    absmax = a_ref[:, sl]                           # (BN, KB)
+    absmax = common.masked_load(a_ref.at[:, sl], ok)  # (BN, KB)
+    if nested_refs:
+      absmax = common.decode_nested(absmax, base + s * kb, *nested_refs, group=group,
+                                    interpret=interpret)
     out = []
     for i in range(m):
       part = jnp.sum(w_hi * xe_ref[i, sl, :][None] + w_lo * xo_ref[i, sl, :][None], axis=-1)
@@ -62,8 +78,10 @@ def _gemv_kernel(xe_ref, xo_ref, q_ref, a_ref, o_ref, *, quant_type, m, kb, step
 
   zeros = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m))
   accs = jax.lax.fori_loop(0, steps, body, zeros)
+  col_ok = None if ok is None else (
+      pl.program_id(0) * bn + jax.lax.broadcasted_iota(jnp.int32, (1, 1, bn), 2) < n)
   for i in range(m):
-    o_ref[0, i, :] = accs[i]
+    plt.store(o_ref.at[pl.ds(0, 1), pl.ds(i, 1), :], accs[i].reshape(1, 1, bn), mask=col_ok)
 
 
 def tiling(n: int, k: int, blocksize: int, *, block_n: int = 64, block_k: int = 512,
@@ -83,17 +101,19 @@ def tiling(n: int, k: int, blocksize: int, *, block_n: int = 64, block_k: int = 
 
 @functools.partial(jax.jit, static_argnames=(
     "n_out", "blocksize", "quant_type", "block_n", "block_k", "k_per_program", "out_dtype",
-    "interpret", "num_warps", "num_stages"))
-def gemv_4bit(x: jax.Array, packed: jax.Array, absmax: jax.Array, *, n_out: int,
+    "interpret", "num_warps", "num_stages", "absmax_group"))
+def gemv_4bit(x: jax.Array, packed: jax.Array, absmax, *, n_out: int,
               blocksize: int, quant_type: str, block_n: int = 64, block_k: int = 512,
               k_per_program: int = 2048, out_dtype=None, interpret: bool = False,
-              num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+              num_warps: int = 4, num_stages: int = 2,
+              absmax_group: int = common.NESTED_GROUP) -> jax.Array:
   """``x @ W.T`` with 4-bit ``W`` (Pallas kernel; see the module docstring).
 
   Args:
     x: ``(M, K)`` float32/bfloat16/float16, ``M <= 16``.
     packed: uint8, at least ``N*K/2`` bytes (flattened; bnb's ``(nbytes, 1)`` is fine).
-    absmax: float32 ``(N*K/bs,)``.
+    absmax: float32 ``(N*K/bs,)``, or a :class:`common.NestedAbsmax` with ``(N*K/bs,)`` codes
+      (``absmax_group`` blocks per ``absmax2`` entry).
     n_out: ``N``. blocksize: ``bs`` (``K % bs == 0``). quant_type: "nf4" | "fp4".
     block_n, block_k, k_per_program: tile sizes (rounded down to powers of two that divide).
     out_dtype: output dtype (default ``x.dtype``); float32 skips the final rounding.
@@ -113,27 +133,29 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, absmax: jax.Array, *, n_out: int,
   xe = xf[:, 0::2].reshape(mp, nb, half)
   xo = xf[:, 1::2].reshape(mp, nb, half)
   q = packed.reshape(-1)[: n_out * k // 2].reshape(n_out, nb, half)
-  a = absmax.reshape(-1)[: n_out * nb].reshape(n_out, nb).astype(jnp.float32)
+  a, extra = common.matrix_absmax_operands(absmax, n_out, nb)
   kc = kb * steps  # blocks per program
   partial = pl.pallas_call(
-      functools.partial(_gemv_kernel, quant_type=quant_type, m=m, kb=kb, steps=steps),
+      functools.partial(_gemv_kernel, quant_type=quant_type, m=m, n=n_out, kb=kb, steps=steps,
+                        nb=nb, group=absmax_group, interpret=interpret),
       out_shape=jax.ShapeDtypeStruct((splits, mp, n_out), jnp.float32),
       grid=(pl.cdiv(n_out, bn), splits),
       in_specs=[pl.BlockSpec((mp, kc, half), lambda j, s: (0, s, 0)),
                 pl.BlockSpec((mp, kc, half), lambda j, s: (0, s, 0)),
                 pl.BlockSpec((bn, kc, half), lambda j, s: (j, s, 0)),
-                pl.BlockSpec((bn, kc), lambda j, s: (j, s))],
+                pl.BlockSpec((bn, kc), lambda j, s: (j, s)),
+                *(pl.BlockSpec(e.shape, lambda j, s: (0,)) for e in extra)],
       out_specs=pl.BlockSpec((1, mp, bn), lambda j, s: (s, 0, j)),
       compiler_params=None if interpret else common.triton_params(num_warps, num_stages),
       interpret=interpret,
-      name=f"gemv_{quant_type}_bs{blocksize}",
-  )(xe, xo, q, a)
+      name=f"gemv_{quant_type}_bs{blocksize}{'_dq' if extra else ''}",
+  )(xe, xo, q, a, *extra)
   y = partial[0] if splits == 1 else jnp.sum(partial, axis=0)
   return y[:m].astype(out_dtype or x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("n_out", "blocksize", "quant_type"))
-def gemv_4bit_reference(x: jax.Array, packed: jax.Array, absmax: jax.Array, *, n_out: int,
+def gemv_4bit_reference(x: jax.Array, packed: jax.Array, absmax, *, n_out: int,
                         blocksize: int, quant_type: str) -> jax.Array:
   """XLA reference of :func:`gemv_4bit`: dequantize to float32, then an exact-f32 dot."""
   m, k = x.shape

@@ -1,4 +1,4 @@
-"""Test helpers: loading the bitsandbytes 0.50.2 vectors shipped in tests/data."""
+"""Test helpers: the bitsandbytes 0.50.2 vectors shipped in tests/data; CUDA lowering on CPU."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import functools
 import json
 import pathlib
 import re
+import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,3 +45,17 @@ def cases(pattern: str) -> list[tuple[str, ...]]:
   """Regex groups of every vector key matching ``pattern`` (sorted, for parametrize ids)."""
   rx = re.compile(pattern)
   return sorted({m.groups() for k in functional_vectors() for m in [rx.fullmatch(k)] if m})
+
+
+def lower_for_h100(fn, *specs):
+  """StableHLO text of ``fn`` lowered for CUDA on a CPU-only jaxlib.
+
+  The Triton lowering asks for the GPU's compute capability; without a GPU it reads it from the
+  abstract device of the current abstract mesh, so we name one (an H100 -> sm_90).
+  """
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+  dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+  mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
+  with use_abstract_mesh(mesh), warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # the Triton backend's deprecation
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()

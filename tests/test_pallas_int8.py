@@ -15,7 +15,6 @@ from jaxbnb.functional import int8 as F
 from pallas_kernels import int8_matmul as im
 from pallas_kernels import int8_quant as iq
 from tests import helpers
-from tests.test_pallas_4bit import _lower_for_h100
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -254,7 +253,7 @@ def test_kernels_lower_for_cuda_triton(dtype):
   for m, thr, calls, names in ((1, 6.0, 2, ("int8_gemv", "int8_vectorwise_quant")),
                                (4096, 6.0, 3, ("int8_gemm", "int8_vectorwise_quant")),
                                (16, 0.0, 2, ("int8_gemv",))):
-    hlo = _lower_for_h100(
+    hlo = helpers.lower_for_h100(
         lambda x, cb, scb, b: im.int8_linear(x, cb, scb, b, threshold=thr), s((m, k), dtype), *w)
     # quantization + the GEMV; M > 16 at threshold 6: + the > max_outlier_cols fallback GEMM.
     assert hlo.count("__gpu$xla.gpu.triton") == calls

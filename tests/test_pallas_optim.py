@@ -15,7 +15,7 @@ from jaxbnb import optim
 from jaxbnb.functional.codebooks import create_dynamic_map
 from jaxbnb.optim.state import QuantizedMoment, read_moment
 from pallas_kernels import optim_8bit as K
-from tests.test_pallas_4bit import _lower_for_h100
+from tests import helpers
 
 
 def _bits(tree):
@@ -222,7 +222,7 @@ def test_kernel_lowers_for_cuda_triton(kind, n, bs, dtype, with_param):
   specs = [s((n,), dtype), s((K.SCALAR_SLOTS,), jnp.float32)]
   specs += [s((n,), dtype)] if with_param else []
   specs += [s((n,), jnp.uint8), s((nb,), jnp.float32)] * nm
-  hlo = _lower_for_h100(fn, *specs)
+  hlo = helpers.lower_for_h100(fn, *specs)
   assert "__gpu$xla.gpu.triton" in hlo and f"optim8bit_{kind}_bs{bs}" in hlo
   assert "div.rn.f32" in hlo and ("sqrt.rn.f32" in hlo) == (kind == "adam")
 
