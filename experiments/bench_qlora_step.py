@@ -9,7 +9,7 @@ Prints: parameters, bytes of the NF4 base / adapters / optimizer state (on the a
 memory full bf16 finetuning would need (bf16 weights + grads, fp32 master copy and Adam moments:
 16 bytes/param), median step time, tokens/s, peak device memory; writes the same as JSON.
 
-  python experiments/bench_qlora_step.py --preset 1b      # ~1.1B params (GPU)
+  python experiments/bench_qlora_step.py --preset 1b      # ~1.0B params (GPU)
   python experiments/bench_qlora_step.py --preset 7b      # ~6.7B params (GPU, 80 GB)
   python experiments/bench_qlora_step.py --quick          # tiny, seconds on CPU
 """

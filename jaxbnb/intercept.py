@@ -29,7 +29,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxbnb.host import is_offloaded
-from jaxbnb.ops import qdot_general
+from jaxbnb.ops import _check_backend, qdot_general
 from jaxbnb.qtensor import QuantizedArray, is_quantized
 
 
@@ -62,14 +62,18 @@ def _is_special(x) -> bool:
   return is_quantized(x) or is_offloaded(x)
 
 
-def intercept(fn: Callable) -> Callable:
+def intercept(fn: Callable, *, backend: str = "auto") -> Callable:
   """Wrap ``fn`` so that its arguments may hold quantized leaves (from ``jaxbnb.quantize``).
 
   Returns a function with ``fn``'s signature and outputs. Array leaves of the arguments are
   traced; other leaves (Python scalars, strings, ...) are passed through as constants. Leaves in
   host memory (:func:`jaxbnb.interop.offload`) move to the device where they are first used.
   Jit the result for speed (tracing happens on every un-jitted call).
+
+  ``backend`` (``"auto"|"xla"|"pallas"``) is passed to every quantized matmul
+  (:func:`jaxbnb.ops.qdot_general`): it picks the kernels, never the answer.
   """
+  _check_backend(backend)
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
@@ -88,14 +92,14 @@ def intercept(fn: Callable) -> Callable:
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
     inputs = [_QRef(x) if is_quantized(x) else x for x in arrays]
-    outs = _eval(closed.jaxpr, closed.consts, inputs)
+    outs = _eval(closed.jaxpr, closed.consts, inputs, backend)
     outs = [o.materialize("return") if isinstance(o, _QRef) else o for o in outs]
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped
 
 
-def _eval(jaxpr, consts, args):
+def _eval(jaxpr, consts, args, backend):
   env: dict = {}
 
   def read(v):
@@ -113,7 +117,7 @@ def _eval(jaxpr, consts, args):
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     if any(isinstance(x, _QRef) for x in invals):
-      outvals = _quantized_rule(eqn, invals)
+      outvals = _quantized_rule(eqn, invals, backend)
     else:
       with eqn.ctx.manager:
         outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
@@ -124,16 +128,16 @@ def _eval(jaxpr, consts, args):
   return [read(v) for v in jaxpr.outvars]
 
 
-def _quantized_rule(eqn, invals):
+def _quantized_rule(eqn, invals, backend):
   name = eqn.primitive.name
   if name in ("pjit", "jit", "closed_call", "core_call"):
     inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
     if hasattr(inner, "jaxpr"):
-      return _eval(inner.jaxpr, inner.consts, invals)
-    return _eval(inner, (), invals)
+      return _eval(inner.jaxpr, inner.consts, invals, backend)
+    return _eval(inner, (), invals, backend)
   if name in ("checkpoint", "remat", "remat2"):
     inner = eqn.params["jaxpr"]
-    body = lambda *vals: _eval(inner, (), list(vals))
+    body = lambda *vals: _eval(inner, (), list(vals), backend)
     return jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
                           policy=eqn.params.get("policy"))(*invals)
   if name == "convert_element_type":
@@ -147,7 +151,7 @@ def _quantized_rule(eqn, invals):
     base = ref.perm or tuple(range(ref.leaf.ndim))
     return [dataclasses.replace(ref, perm=tuple(base[p] for p in perm))]
   if name == "dot_general" and sum(isinstance(x, _QRef) for x in invals) == 1:
-    return [_dot(eqn, *invals)]
+    return [_dot(eqn, *invals, backend)]
   if name == "gather" and isinstance(invals[0], _QRef):
     rows = _row_gather(eqn, *invals)
     if rows is not None:
@@ -158,7 +162,7 @@ def _quantized_rule(eqn, invals):
   return out if eqn.primitive.multiple_results else [out]
 
 
-def _dot(eqn, lhs, rhs):
+def _dot(eqn, lhs, rhs, backend):
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   out_dtype = eqn.outvars[0].aval.dtype
   w_is_lhs = isinstance(lhs, _QRef)
@@ -175,7 +179,7 @@ def _dot(eqn, lhs, rhs):
     dims = ((wc_log, tuple(rc)), (wb_log, tuple(rb)))
   else:
     dims = ((tuple(lc), wc_log), (tuple(lb), wb_log))
-  y = _logical_dot(x, ref.leaf, dims, w_is_lhs, out_dtype)
+  y = _logical_dot(x, ref.leaf, dims, w_is_lhs, out_dtype, backend)
   if want != have:
     nb, nw = len(wb), len(want)
     nx = y.ndim - nb - nw
@@ -187,10 +191,10 @@ def _dot(eqn, lhs, rhs):
   return y
 
 
-def _logical_dot(x, leaf, dims, w_is_lhs, out_dtype):
+def _logical_dot(x, leaf, dims, w_is_lhs, out_dtype, backend):
   """dot_general of ``x`` with a weight's logical array; adapters (``lora_dot``) add theirs."""
   if hasattr(leaf, "lora_dot"):
-    y = _logical_dot(x, leaf.base, dims, w_is_lhs, jnp.float32)
+    y = _logical_dot(x, leaf.base, dims, w_is_lhs, jnp.float32, backend)
     return (y + leaf.lora_dot(x, dims, w_is_lhs, out_dtype)).astype(out_dtype)
   if not is_quantized(leaf):  # a frozen float base (16-bit LoRA)
     w = jax.lax.stop_gradient(leaf).astype(x.dtype)
@@ -198,7 +202,7 @@ def _logical_dot(x, leaf, dims, w_is_lhs, out_dtype):
     return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).astype(
         out_dtype)
   lhs, rhs = (leaf, x) if w_is_lhs else (x, leaf)
-  return qdot_general(lhs, rhs, dims, out_dtype=out_dtype)
+  return qdot_general(lhs, rhs, dims, out_dtype=out_dtype, backend=backend)
 
 
 def _row_gather(eqn, ref: _QRef, indices):

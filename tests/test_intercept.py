@@ -149,3 +149,20 @@ def test_minilm_sentence_embeddings(minilm, fmt):
   # Measured (2026-11-23): NF4+DQ min 0.969 / mean 0.975 (bit-identical weights to bnb's, so
   # bnb gets the same); LLM.int8() min 0.9991. A 384-wide 6-layer model is sensitive to 4 bits.
   assert cos.min() >= {"nf4+dq": 0.96, "int8": 0.998}[fmt], cos
+
+
+@pytest.mark.parametrize("fmt", ["nf4+dq", "int8"])
+def test_intercept_backend_pallas_runs_the_kernels(fmt):
+  """intercept(fn, backend="pallas") sends the model's matmuls to the Pallas kernels (interpret
+  mode here) with the XLA path's answer; a bad backend name fails when wrapping."""
+  graphdef, state = _nnx_gpt(False, None)
+  forward = lambda s, t: nnx.merge(graphdef, s)(t)
+  q = jaxbnb.quantize(state, CONFIGS[fmt])
+  tokens = TOKENS[:, :24]
+  pallas = jaxbnb.intercept(forward, backend="pallas")
+  assert "pallas_call" in str(jax.make_jaxpr(pallas)(q, tokens))
+  want = jax.jit(jaxbnb.intercept(forward, backend="xla"))(q, tokens)
+  got = jax.jit(pallas)(q, tokens)
+  assert _rel(got, want) < 1e-4
+  with pytest.raises(ValueError, match="backend"):
+    jaxbnb.intercept(forward, backend="cuda")
