@@ -303,3 +303,14 @@ def test_linen_stable_embedding_and_errors():
     qlinen.Linear8bitLt(8, has_fp16_weights=True)
   with pytest.raises(ValueError, match="use blocksize=32"):
     qlinen.Embedding4bit(10, 96)
+
+
+@pytest.mark.parametrize("cls", [qnn.EmbeddingNF4, qnn.Embedding8bit])
+def test_embedding_lookup_dequantizes_only_the_rows_read(cls):
+  """No float intermediate anywhere near the table's size: only the looked-up rows decode."""
+  emb = cls(1000, 64, rngs=nnx.Rngs(0))
+  ids = jnp.array([[0, 7, 49]])
+  jaxpr = jax.make_jaxpr(lambda i: emb(i))(ids)
+  sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.eqns for v in e.outvars
+           if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+  assert max(sizes) < 1000 * 64 // 8, sorted(sizes)[-3:]
