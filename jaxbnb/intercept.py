@@ -29,7 +29,8 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxbnb.host import is_offloaded
-from jaxbnb.ops import _check_backend, qdot_general
+from jaxbnb import _backend
+from jaxbnb.ops import qdot_general
 from jaxbnb.qtensor import QuantizedArray, is_quantized
 
 
@@ -73,7 +74,7 @@ def intercept(fn: Callable, *, backend: str = "auto") -> Callable:
   ``backend`` (``"auto"|"xla"|"pallas"``) is passed to every quantized matmul
   (:func:`jaxbnb.ops.qdot_general`): it picks the kernels, never the answer.
   """
-  _check_backend(backend)
+  _backend.check(backend)
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):

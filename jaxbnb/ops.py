@@ -20,18 +20,16 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from jaxbnb import _explicit
+from jaxbnb import _backend, _explicit
 from jaxbnb.functional import fourbit as _fourbit
 from jaxbnb.functional import int8 as _int8
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray
-from jax.sharding import PartitionSpec as P
 from pallas_kernels import common as _pallas_common
 from pallas_kernels import gemm_4bit as _pallas_gemm
 from pallas_kernels import gemv_4bit as _pallas_gemv
 from pallas_kernels import int8_matmul as _pallas_int8
-
-_BACKENDS = ("auto", "xla", "pallas")
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
                          tuple[tuple[int, ...], tuple[int, ...]]]
@@ -43,20 +41,6 @@ def _dot_f32(lhs, rhs, dims):
   if jax.default_backend() == "cpu" and lhs.dtype.itemsize < 4:
     lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
   return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
-
-
-def _check_backend(backend: str) -> None:
-  if backend not in _BACKENDS:
-    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
-
-
-def _pallas_interpret(backend: str) -> Optional[bool]:
-  """None: use XLA. Else whether the Pallas kernels must run in interpret mode (no GPU)."""
-  # "auto" stays on XLA until the kernels have been compiled and timed on a GPU (they are
-  # verified in interpret mode and lower for CUDA, but have not run on a device yet).
-  if backend == "pallas":
-    return jax.default_backend() != "gpu"
-  return None
 
 
 def _sharded(fn, x, w, bias, dense_fn=None):
@@ -131,7 +115,7 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
 
   The output dtype defaults to the float operand's. Differentiable w.r.t. the float operand.
   """
-  _check_backend(backend)
+  _backend.check(backend)
   w_is_lhs = isinstance(lhs, QuantizedArray)
   if w_is_lhs == isinstance(rhs, QuantizedArray):
     raise TypeError("qdot_general needs exactly one quantized operand")
@@ -181,8 +165,8 @@ def _linear(x, w, bias, backend):
   n_out, n_in = w.matrix_shape
   if x.shape[-1] != n_in:
     raise ValueError(f"input has {x.shape[-1]} features; the weight expects {n_in}")
-  _check_backend(backend)
-  interpret = _pallas_interpret(backend)
+  _backend.check(backend)
+  interpret = _backend.pallas_interpret(backend)
   m = math.prod(x.shape[:-1])
   kernel = (_pallas_4bit_kernel(m, n_out, n_in, w)
             if interpret is not None and jnp.issubdtype(x.dtype, jnp.floating) else None)
@@ -211,7 +195,7 @@ def _as_4bit_pallas_linear(x, w, dims, backend):
   Routes ``qdot_general`` (hence ``jaxbnb.intercept``) to the kernels when ``dims`` contract x's
   last axes with the weight's input axes and a kernel covers the problem.
   """
-  if _pallas_interpret(backend) is None or not jnp.issubdtype(x.dtype, jnp.floating):
+  if _backend.pallas_interpret(backend) is None or not jnp.issubdtype(x.dtype, jnp.floating):
     return None
   (xc, wc), (xb, wb) = dims
   in_axes = tuple(range(w.n_in)) if w.transposed else tuple(range(1, w.ndim))
@@ -303,7 +287,7 @@ def int8_matmul(x: jax.Array, w: Quantized8bit, bias: Optional[jax.Array] = None
   Returns:
     ``(..., out)`` in ``x.dtype``.
   """
-  _check_backend(backend)
+  _backend.check(backend)
   if not isinstance(w, Quantized8bit):
     raise TypeError(f"int8_matmul expects a Quantized8bit weight; got {type(w).__name__}")
   n_out, n_in = w.matrix_shape
@@ -313,7 +297,7 @@ def int8_matmul(x: jax.Array, w: Quantized8bit, bias: Optional[jax.Array] = None
 
   def run(x, w, bias):
     m = math.prod(x.shape[:-1])
-    interpret = _pallas_interpret(backend)
+    interpret = _backend.pallas_interpret(backend)
     if interpret is not None and not _pallas_int8.supported(m, w.CB.shape[0], n_in, x.dtype):
       interpret = None  # no kernel covers this (local) problem: the XLA path
     y = _int8_linear(x.reshape(m, n_in), w, bias, thr, int(max_outlier_cols), interpret)

@@ -153,3 +153,20 @@ def test_shape_mismatch_is_clear():
     jaxbnb.matmul_4bit(jnp.ones((2, 64)), jnp.ones((64, 32)))
   with pytest.raises(ValueError, match="backend"):
     jaxbnb.matmul_4bit(jnp.ones((2, 64)), q, backend="cuda")
+
+
+def test_pallas_backend_off_gpu_warns_and_bad_names_fail():
+  """backend="pallas" without a GPU is a slow path (interpret mode): it says so, never silently;
+  an unknown backend name is an error naming the choices."""
+  from jaxbnb._backend import PallasInterpretWarning
+  w = jaxbnb.quantize({"kernel": jax.random.normal(jax.random.key(0), (64, 32))},
+                      jaxbnb.BitsAndBytesConfig(load_in_4bit=True))["kernel"]
+  x = jnp.ones((2, 64))
+  with pytest.warns(PallasInterpretWarning, match="interpret mode"):
+    jaxbnb.matmul(x, w, backend="pallas")
+  with pytest.warns(PallasInterpretWarning):
+    jaxbnb.optim.adamw8bit(1e-3, backend="pallas")
+  for bad in (lambda: jaxbnb.matmul(x, w, backend="gpu"),
+              lambda: jaxbnb.optim.adam8bit(1e-3, backend="triton")):
+    with pytest.raises(ValueError, match="'auto', 'xla', 'pallas'"):
+      bad()

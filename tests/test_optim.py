@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxbnb
 from jaxbnb import optim
 from jaxbnb.optim.state import QuantizedMoment, read_moment
 from tests import helpers
@@ -268,3 +269,22 @@ def test_state_shards_like_params():
   assert mu.q.sharding.is_equivalent_to(params["w"].sharding, 2)
   u, state = jax.jit(tx.update)(params, state, params)
   assert u["w"].sharding.is_equivalent_to(params["w"].sharding, 2)
+
+
+def test_fp32_mask_from_nnx_stable_embedding_is_a_prefix_mask():
+  """jaxbnb.nn.stable_embedding_mask gives one bool per NNX Variable (a prefix of the state's
+  leaves): the StableEmbedding table keeps 32-bit state, the rest goes 8-bit."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = jaxbnb.nn.StableEmbedding(256, 64, rngs=rngs)
+      self.dense = nnx.Linear(64, 128, rngs=rngs)
+
+  state = nnx.state(Model(nnx.Rngs(0)), nnx.Param)
+  for mask in (jaxbnb.nn.stable_embedding_mask(state), jaxbnb.nn.stable_embedding_mask):
+    opt_state = optim.adam8bit(1e-3, fp32_mask=mask, min_8bit_size=0).init(state)
+    kinds = {type(m).__name__ for m in opt_state[0].mu}
+    assert kinds == {"QuantizedMoment", "ArrayImpl"}, kinds
+    full = [m for m in opt_state[0].mu if not isinstance(m, optim.QuantizedMoment)]
+    assert [m.shape for m in full] == [(256, 64)]

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxbnb import _backend
 from jaxbnb.optim import transforms as T
 from jaxbnb.optim.alias import adamw8bit
 from jaxbnb.optim.state import MaskOrFn, QuantizedMoment, _code, runtime_zero
@@ -57,7 +58,7 @@ def adamw8bit_fused(learning_rate: T.ScalarOrSchedule, b1: float = 0.9, b2: floa
   """
   if callable(weight_decay):
     raise TypeError("adamw8bit_fused: weight_decay must be a number or array, not a schedule")
-  interpret = T._pallas_interpret(backend)  # pylint: disable=protected-access
+  interpret = _backend.pallas_interpret(backend)
   tx = adamw8bit(learning_rate, b1, b2, eps, eps_root, weight_decay, mask,
                  block_size=block_size, min_8bit_size=min_8bit_size, fp32_mask=fp32_mask,
                  backend="xla")

@@ -120,10 +120,12 @@ def use_8bit_tree(params: Any, min_8bit_size: int, fp32_mask: MaskOrFn) -> Any:
     return big
   mask = fp32_mask(params) if callable(fp32_mask) else fp32_mask
   try:
-    return jax.tree.map(lambda b, m: bool(b and not m), big, mask)
+    # The mask may be a prefix of the params (one bool per NNX Variable, an optax mask).
+    return jax.tree.map(lambda m, b: jax.tree.map(lambda x: bool(x and not m), b), mask, big)
   except ValueError as e:
-    raise ValueError("fp32_mask must be a pytree of bools with the params' structure (True: "
-                     "keep 32-bit state), or a function params -> such a tree") from e
+    raise ValueError("fp32_mask must be a pytree of bools with the params' structure or a "
+                     "prefix of it (True: keep 32-bit state), or a function params -> such a "
+                     "tree") from e
 
 
 _STATIC_HINT = ("it must be a Python int; with optax.inject_hyperparams pass "

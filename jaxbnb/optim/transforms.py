@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxbnb import _explicit
+from jaxbnb import _backend, _explicit
 from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, _code, check_block_size,
                                 init_moment, read_moment, runtime_zero, use_8bit_tree,
                                 write_moment)
 from pallas_kernels import optim_8bit as _kernel
 
-_BACKENDS = ("auto", "xla", "pallas")
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -115,16 +114,6 @@ def _map(fn, updates, *moment_trees):
           *(d.unflatten([o[i + 1] for o in outs]) for i, (_, d) in enumerate(flat)))
 
 
-def _pallas_interpret(backend: str):
-  """None: the XLA path. Else whether the Pallas kernel runs in interpret mode (no GPU)."""
-  if backend not in _BACKENDS:
-    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
-  # "auto" stays on XLA until the kernel has been compiled and timed on a GPU.
-  if backend == "pallas":
-    return jax.default_backend() != "gpu"
-  return None
-
-
 def _fused(kind, interpret, scalars, g, *moments):
   """The Pallas kernel for one leaf whose moments are all 8-bit, else None (XLA path)."""
   if (interpret is None or g.size == 0
@@ -179,7 +168,7 @@ def scale_by_adam_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
   Computed as bitsandbytes does: ``sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps*sqrt(1-b2^t))``.
   """
   block_size = check_block_size(block_size)
-  interpret = _pallas_interpret(backend)
+  interpret = _backend.pallas_interpret(backend)
 
   def init_fn(params):
     use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
@@ -216,7 +205,7 @@ def scale_by_lion_8bit(b1: Scalar = 0.9, b2: Scalar = 0.99, *, block_size: int =
                        backend: str = "auto") -> optax.GradientTransformation:
   """Lion's direction ``sign(b1*m + (1-b1)*g)``, then ``m = b2*m + (1-b2)*g`` in 8 bits."""
   block_size = check_block_size(block_size)
-  interpret = _pallas_interpret(backend)
+  interpret = _backend.pallas_interpret(backend)
 
   def init_fn(params):
     use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
@@ -254,7 +243,7 @@ def trace_8bit(decay: Scalar, nesterov: bool = False, *, block_size: int = 256,
   """Momentum ``m = decay*m + g`` (``optax.trace``) with ``m`` in 8 bits; Nesterov returns
   ``g + decay*m``. At the first step ``m = g``, as in bitsandbytes' SGD."""
   block_size = check_block_size(block_size)
-  interpret = _pallas_interpret(backend)
+  interpret = _backend.pallas_interpret(backend)
 
   def init_fn(params):
     use8 = use_8bit_tree(params, min_8bit_size, fp32_mask)
