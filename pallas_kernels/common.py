@@ -105,6 +105,23 @@ def recip_rn(a: jax.Array, *, interpret: bool) -> jax.Array:
   return r
 
 
+def fabs(x: jax.Array) -> jax.Array:
+  """float32 ``|x|`` by clearing the sign bit: exact for every input, subnormals included.
+
+  Pallas' Triton lowering calls libdevice ``__nv_fabsf`` for ``jnp.abs``, whose result
+  depends on the NVVM reflect flag ``__CUDA_FTZ`` (flush-to-zero: ``|subnormal| = 0``) that the
+  GPU compiler, not the kernel, chooses; the bit mask cannot flush and matches XLA's ``abs``.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jax.lax.bitcast_convert_type(bits & jnp.int32(0x7FFFFFFF), jnp.float32)
+
+
+def isfinite(x: jax.Array) -> jax.Array:
+  """bool ``x`` is neither NaN nor +-Inf, via :func:`fabs` (``jnp.isfinite`` lowers through
+  libdevice ``__nv_fabsf`` in Pallas' Triton backend)."""
+  return fabs(x) <= jnp.float32(np.finfo(np.float32).max)
+
+
 def decode_nested(codes: jax.Array, block_index: jax.Array, absmax2_ref, offset_ref, code_ref,
                   *, group: int, interpret: bool) -> jax.Array:
   """float32 absmax of blocks ``block_index`` (int32, global) from their uint8 ``codes``.
@@ -144,7 +161,9 @@ def decode_4bit(codes: jax.Array, quant_type: str) -> jax.Array:
     return _tree(bits, NF4_CODE)
   if quant_type == "fp4":
     mag = _tree(bits[:3], FP4_MAG)
-    return jnp.where(bits[3], -mag, mag)  # -0.0 for code 8, like bnb
+    # A multiply, not ``-mag``: Pallas' Triton lowering emits negation as ``0 - x``, which
+    # turns code 8 into +0.0 on GPU; ``x * -1.0`` flips the sign of zero too (-0.0, like bnb).
+    return mag * jnp.where(bits[3], jnp.float32(-1), jnp.float32(1))
   raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
 
 

@@ -67,7 +67,7 @@ def _whole(a):
                                              "absmax_group"))
 def dequantize_4bit(packed: jax.Array, absmax, *, n: int, blocksize: int,
                     quant_type: str, out_dtype=jnp.float32, tile_bytes: int = 8192,
-                    interpret: bool = False, num_warps: int = 4,
+                    interpret: bool = False, num_warps: int = 8,
                     absmax_group: int = common.NESTED_GROUP) -> jax.Array:
   """Dense ``(n,)`` values in ``out_dtype`` from 4-bit codes (Pallas kernel).
 
@@ -77,6 +77,8 @@ def dequantize_4bit(packed: jax.Array, absmax, *, n: int, blocksize: int,
       :class:`common.NestedAbsmax` whose ``codes`` are ``(nblocks,)``.
     n: number of elements; blocksize: power of two in 32..4096; quant_type: "nf4" | "fp4".
     tile_bytes: packed bytes per program (rounded to whole blocks, a power of two).
+    num_warps: 8 keeps the default tile at 64 output values a thread (their int32 codes and
+      float32 values live at once would exceed a thread's 255 registers at 128).
     interpret: run in Pallas interpret mode (CPU).
     absmax_group: first-level blocks per ``absmax2`` entry of a nested absmax.
   """

@@ -45,13 +45,22 @@ DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 # (largest M of the bucket, BM, BN, BK, num_warps, num_stages). Untuned first guesses: small M
 # is bandwidth-bound on W (wide BN*BK tiles, few rows); large M is compute-bound and decodes
-# every W tile once per BM rows, so BM is as large as registers allow.
+# every W tile once per BM rows, so BM is as large as registers allow. Register budget: the
+# decoded W tile (BN*BK float32 before the rounding to x.dtype, plus the int32 nibbles) is at
+# most 64 values a thread (BN*BK <= 2048 * num_warps); at 128+ a thread, next to the float32
+# accumulator (BM*BN / (32 * num_warps)), a thread would need more than its 255 registers.
 TILE_TABLE = (
-    (32, 16, 64, 256, 4, 3),
-    (64, 32, 64, 256, 4, 3),
-    (256, 64, 128, 128, 4, 3),
+    (32, 16, 64, 128, 4, 3),
+    (64, 32, 64, 128, 4, 3),
+    (256, 64, 128, 64, 4, 3),
     (None, 128, 128, 64, 8, 3),
 )
+# float32 x: an IEEE float32 dot has no tensor-core path; Triton's FMA dot converts both
+# operand tiles to registers, each thread holding the whole BK extent of the rows and columns of
+# its accumulator fragment (a few hundred registers at 128x128x64), so the float32 tiles are
+# capped (BM, BN <= 64, BK <= 16: about 32 accumulators and ~200 operand values a thread at 4
+# warps; an estimate, not measured on a GPU).
+F32_MAX_TILE = (64, 64, 16)
 
 
 def supported(m: int, n: int, k: int, blocksize: int, quant_type: str, dtype) -> bool:
@@ -61,15 +70,20 @@ def supported(m: int, n: int, k: int, blocksize: int, quant_type: str, dtype) ->
           and np.dtype(dtype) in DTYPES)
 
 
-def tiling(m: int, n: int, k: int, blocksize: int) -> tuple[int, int, int, int, int]:
+def tiling(m: int, n: int, k: int, blocksize: int,
+           dtype=jnp.bfloat16) -> tuple[int, int, int, int, int]:
   """``(BM, BN, BK, num_warps, num_stages)`` for a problem, from :data:`TILE_TABLE`.
 
   Block dims are powers of two >= 16 (Triton's dot minimum); they shrink toward small ``M``/
-  ``N``/``K`` so tests and tiny layers do not pay for padding.
+  ``N``/``K`` so tests and tiny layers do not pay for padding. ``dtype``: x's (float32 caps
+  the tiles at :data:`F32_MAX_TILE`).
   """
   for max_m, bm, bn, bk, warps, stages in TILE_TABLE:
     if max_m is None or m <= max_m:
       break
+  if np.dtype(dtype) == np.dtype(jnp.float32):
+    bm, bn, bk = (min(a, b) for a, b in zip((bm, bn, bk), F32_MAX_TILE))
+    warps = 4
   bm = max(16, min(bm, common.next_pow2(m)))
   bn = max(16, min(bn, common.next_pow2(n)))
   bk = min(bk, common.next_pow2(k))
@@ -154,7 +168,7 @@ def gemm_4bit(x: jax.Array, packed: jax.Array, absmax, *, n_out: int, blocksize:
   if not supported(m, n_out, k, blocksize, quant_type, x.dtype):
     raise ValueError(f"gemm_4bit: unsupported problem M={m} N={n_out} K={k} bs={blocksize} "
                      f"{quant_type} {x.dtype}; use the XLA path")
-  bm, bn, bk, warps, stages = tiles or tiling(m, n_out, k, blocksize)
+  bm, bn, bk, warps, stages = tiles or tiling(m, n_out, k, blocksize, x.dtype)
   nb = k // blocksize
   if bk >= blocksize:  # whole blocks per tile; leftover blocks become power-of-two tail tiles
     kb = bk // blocksize

@@ -85,17 +85,26 @@ def _gemv_kernel(xe_ref, xo_ref, q_ref, a_ref, *rest, quant_type, m, n, kb, step
 
 
 def tiling(n: int, k: int, blocksize: int, *, block_n: int = 64, block_k: int = 512,
-           k_per_program: int = 2048) -> tuple[int, int, int, int]:
-  """``(BN, KB, steps, S)``: row tile, blocks per step, steps per program, K splits."""
+           k_per_program: int = 2048, m: int = 1) -> tuple[int, int, int, int]:
+  """``(BN, KB, steps, S)``: row tile, blocks per step, steps per program, K splits.
+
+  The decoded tile (``BN * KB * bs`` float32 weights a step, half from the high nibbles and
+  half from the low ones, spread over the program's threads) is capped at half of
+  ``block_n * block_k`` for one row of ``x`` and a quarter with ``m > 1`` rows, for which it
+  stays live across all of them (static unroll): at the defaults and 4 warps that is 2 x 64
+  or 2 x 32 float32 a thread, not the 2 x 128 of the full ``block_n * block_k`` (plus the
+  int32 nibbles and products: more than the 255 registers a thread has, i.e. spills).
+  """
   nb = k // blocksize
   kb = common.pow2_divisor(nb, max(1, block_k // blocksize))
   tiles = nb // kb
   # Steps need not be a power of two (only the loaded KB-block slices must be).
   cap = max(1, k_per_program // (kb * blocksize))
   steps = max(d for d in range(1, min(cap, tiles) + 1) if tiles % d == 0)
-  # Large blocksizes make one block wider than block_k: shrink BN to keep the decoded tile
-  # (BN * KB * bs values, in registers on GPU) at most block_n * block_k.
-  bn = common.pow2_at_most(n, max(1, min(block_n, block_n * block_k // (kb * blocksize))))
+  # Large blocksizes make one block wider than block_k, and several rows of x keep the decoded
+  # tile live: shrink BN to keep it (BN * KB * bs values, in registers on GPU) within budget.
+  budget = block_n * block_k // (2 if m == 1 else 4)
+  bn = common.pow2_at_most(n, max(1, min(block_n, budget // (kb * blocksize))))
   return bn, kb, steps, tiles // steps
 
 
@@ -127,7 +136,7 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, absmax, *, n_out: int,
                      f"{quant_type} {x.dtype}; use the XLA path")
   nb, half = k // blocksize, blocksize // 2
   bn, kb, steps, splits = tiling(n_out, k, blocksize, block_n=block_n, block_k=block_k,
-                                 k_per_program=k_per_program)
+                                 k_per_program=k_per_program, m=m)
   mp = common.next_pow2(m)
   xf = jnp.pad(x.astype(jnp.float32), ((0, mp - m), (0, 0)))
   xe = xf[:, 0::2].reshape(mp, nb, half)

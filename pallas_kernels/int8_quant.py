@@ -52,29 +52,33 @@ def round_codes(v: jax.Array) -> jax.Array:
   v = jnp.clip(v, -127.0, 127.0)
   t = v.astype(jnp.int32)                     # truncates toward 0
   frac = v - t.astype(jnp.float32)            # exact: |frac| < 1 and shares v's ulp
-  half = jnp.abs(frac)
+  half = common.fabs(frac)
   up = (half > 0.5) | ((half == 0.5) & ((t & 1) != 0))  # ties to even
   return (t + jnp.where(up, jnp.where(frac > 0, 1, -1), 0)).astype(jnp.int8)
 
 
-def _row_stats(rows, threshold, sparse):
-  """float32 ``(R, C)`` rows -> (scale (R, 1), absmax (R,), outlier elements (R, C) or None)."""
-  mag = jnp.abs(rows)
+def _row_stats(rows, threshold, sparse, interpret=True):
+  """float32 ``(R, C)`` rows -> (scale (R, 1), absmax (R,), outlier elements (R, C) or None).
+
+  ``interpret`` False (the GPU kernel): ``1 / absmax`` is PTX ``div.rn.f32``; Triton's own
+  float32 ``/`` is the approximate ``div.full.f32`` (up to 2 ulp), which would move codes."""
+  mag = common.fabs(rows)
   outliers = (mag >= jnp.float32(threshold)) if sparse else None
   inliers = jnp.where(outliers, 0.0, mag) if sparse else mag
   # NaN is tested explicitly: max does not propagate it on every backend.
-  bad = jnp.max(jnp.where(jnp.isfinite(inliers), 0.0, 1.0), axis=1)
+  bad = jnp.max(jnp.where(common.isfinite(inliers), 0.0, 1.0), axis=1)
   absmax = jnp.where(bad > 0, jnp.float32(jnp.nan), jnp.max(inliers, axis=1))
-  scale = jnp.float32(127) * (jnp.float32(1) / absmax)
+  scale = jnp.float32(127) * common.recip_rn(absmax, interpret=interpret)
   return scale, absmax, outliers
 
 
 def _codes(rows, scale):
-  ok = jnp.isfinite(scale)  # (R, 1): absmax 0 / NaN / denormal rows quantize to 0
+  ok = common.isfinite(scale)  # (R, 1): absmax 0 / NaN / denormal rows quantize to 0
   return jnp.where(ok, round_codes(jnp.where(ok, rows * scale, 0.0)), jnp.int8(0))
 
 
-def _quant_kernel(x_ref, q_ref, a_ref, m_ref, *, m, k, br, steps, threshold, sparse):
+def _quant_kernel(x_ref, q_ref, a_ref, m_ref, *, m, k, br, steps, threshold, sparse,
+                  interpret):
   # x: (BM, KP) x.dtype; q: (BM, KP) int8 (raw codes); a: (BM,) f32; m: (1, KP) int8.
   kp = x_ref.shape[1]
   base = pl.program_id(0) * x_ref.shape[0]
@@ -85,7 +89,7 @@ def _quant_kernel(x_ref, q_ref, a_ref, m_ref, *, m, k, br, steps, threshold, spa
     row_ok = (base + r0 + jax.lax.broadcasted_iota(jnp.int32, (br, kp), 0)) < m
     ok = row_ok & col_ok
     rows = plt.load(x_ref.at[pl.ds(r0, br), :], mask=ok, other=0).astype(jnp.float32)
-    scale, absmax, outliers = _row_stats(rows, threshold, sparse)
+    scale, absmax, outliers = _row_stats(rows, threshold, sparse, interpret)
     plt.store(q_ref.at[pl.ds(r0, br), :], _codes(rows, scale[:, None]), mask=ok)
     rows_ok = (base + r0 + jax.lax.broadcasted_iota(jnp.int32, (br,), 0)) < m  # no slice op
     plt.store(a_ref.at[pl.ds(r0, br)], absmax, mask=rows_ok)
@@ -111,15 +115,27 @@ def tiling(m: int, k: int, *, max_tile: int = 8192, block_m: int = 32,
   return max(br, bm), br
 
 
+def warps_for(tile: int) -> int:
+  """Warps for a ``tile``-element step: 32 elements a thread, 4..16 warps.
+
+  Each thread holds its share of the float32 rows, the codes and (threshold > 0) the int32
+  column mask carried across steps: at 4 warps a 16384-wide row (K = 14336 pads to it) would be
+  128 + 128 values a thread, past the 255 registers a thread has.
+  """
+  return int(min(16, max(4, tile // 1024)))
+
+
 @functools.partial(jax.jit, static_argnames=("threshold", "block_m", "max_tile", "programs",
                                              "interpret", "num_warps", "num_stages"))
 def int8_vectorwise_quant_raw(x: jax.Array, *, threshold: float = 0.0, block_m: int = 32,
                               max_tile: int = 8192, programs: int = 512,
-                              interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+                              interpret: bool = False, num_warps: int | None = None,
+                              num_stages: int = 2):
   """Raw kernel outputs for ``(M, K)`` ``x``: ``(codes, row_absmax, outlier_cols)``.
 
   ``codes`` int8 ``(M, K)`` are NOT zeroed in the outlier columns (see the module docstring);
   ``row_absmax`` float32 ``(M,)``; ``outlier_cols`` bool ``(K,)``. ``threshold`` is static.
+  ``num_warps`` None: :func:`warps_for`.
   """
   mm, k = x.shape
   if not supported(mm, k, x.dtype):
@@ -130,7 +146,7 @@ def int8_vectorwise_quant_raw(x: jax.Array, *, threshold: float = 0.0, block_m: 
   grid = pl.cdiv(mm, bm)
   codes, absmax, partial = pl.pallas_call(
       functools.partial(_quant_kernel, m=mm, k=k, br=br, steps=bm // br,
-                        threshold=float(threshold), sparse=sparse),
+                        threshold=float(threshold), sparse=sparse, interpret=interpret),
       out_shape=(jax.ShapeDtypeStruct((mm, k), jnp.int8),
                  jax.ShapeDtypeStruct((mm,), jnp.float32),
                  jax.ShapeDtypeStruct((grid, kp), jnp.int8)),
@@ -139,7 +155,8 @@ def int8_vectorwise_quant_raw(x: jax.Array, *, threshold: float = 0.0, block_m: 
       out_specs=(pl.BlockSpec((bm, kp), lambda i: (i, 0)),
                  pl.BlockSpec((bm,), lambda i: (i,)),
                  pl.BlockSpec((1, kp), lambda i: (i, 0))),
-      compiler_params=None if interpret else common.triton_params(num_warps, num_stages),
+      compiler_params=None if interpret else common.triton_params(
+          num_warps or warps_for(br * kp), num_stages),
       interpret=interpret,
       name="int8_vectorwise_quant",
   )(x)

@@ -30,7 +30,8 @@ Gathers: Triton has no gather instruction, but Pallas' Triton lowering turns ``r
 into a pointer gather (``tt.load`` of computed addresses), as bnb's kernels read their code
 table; the 1 KiB tables stay in L1. Layout: the flattened leaf is viewed as
 ``(nblocks, block_size)`` (zero-padded when ``n % block_size``; the padding is masked out of the
-absmax), the absmax as ``(nblocks, 1)``; each program owns ``TB`` whole blocks.
+absmax), the absmax as ``(nblocks, 1)``; each program owns ``TB`` whole blocks (the last
+program's rows past ``nblocks`` are masked: Triton does not bound-check block accesses).
 Grid ``(cdiv(nblocks, TB),)``. Codes and absmax are updated in place (``input_output_aliases``).
 
 Kernels never import ``jaxbnb``: the caller passes the code tables (float32 ``(256,)``).
@@ -90,7 +91,7 @@ TRITON_OPS = Ops(div=lambda a, b: _ptx("div.rn.f32", a, b),
 
 def _finite(g):
   g = g.astype(jnp.float32)
-  ok = jnp.isfinite(g)
+  ok = common.isfinite(g)
   return jnp.where(ok, g, 0.0), ok
 
 
@@ -160,10 +161,10 @@ def nearest_code(v: jax.Array, lookup: Callable[[jax.Array], jax.Array],
   right = v > val
   best = jnp.where(right, jnp.where(v > (upper + val) * 0.5, upper_pivot, pivot),
                    jnp.where(v < (lower + val) * 0.5, lower_pivot, pivot))
-  best_err = jnp.abs(v - lookup(best))
+  best_err = common.fabs(v - lookup(best))
   for cand in (pivot - 1, pivot, pivot + 1):
     cand = jnp.clip(cand, 0, top)
-    err = jnp.abs(v - lookup(cand))
+    err = common.fabs(v - lookup(cand))
     best, best_err = jnp.where(err < best_err, cand, best), jnp.minimum(err, best_err)
   return best
 
@@ -178,7 +179,7 @@ def requantize(new: jax.Array, valid, z, lookup, code_at, ops: Ops = XLA_OPS):
   new = jnp.clip(jnp.nan_to_num(new, nan=0.0), -_F32_MAX, _F32_MAX)
   if valid is not None:
     new = jnp.where(valid, new, 0.0)
-  absmax = jnp.max(jnp.abs(new), axis=1, keepdims=True)
+  absmax = jnp.max(common.fabs(new), axis=1, keepdims=True)
   safe = jnp.where(absmax == 0, jnp.float32(1), absmax)
   q = nearest_code(new * ops.div(jnp.ones_like(safe), safe) + z, lookup, code_at)
   return q.astype(jnp.uint8), absmax
@@ -187,7 +188,7 @@ def requantize(new: jax.Array, valid, z, lookup, code_at, ops: Ops = XLA_OPS):
 # --- the kernel -------------------------------------------------------------------------------
 
 
-def _kernel(s_ref, g_ref, *refs, kind, n, block_size, tb, with_param, interpret):
+def _kernel(s_ref, g_ref, *refs, kind, n, nblocks, block_size, tb, with_param, interpret):
   nm, ns = NUM_MOMENTS[kind], NUM_SCALARS[kind]
   ops = XLA_OPS if interpret else TRITON_OPS
   p_ref, refs = (refs[0], refs[1:]) if with_param else (None, refs)
@@ -195,26 +196,41 @@ def _kernel(s_ref, g_ref, *refs, kind, n, block_size, tb, with_param, interpret)
   out_ref, state_refs = outs[0], outs[1:]
   s = [s_ref[i] for i in range(ns)]
   z = s_ref[SCALAR_SLOTS - 1]  # always 0.0, read at run time
+  # The last program's tile overhangs the (nblocks, bs) arrays when TB does not divide nblocks:
+  # Pallas' Triton lowering neither bounds-checks nor masks it (interpret mode pads instead,
+  # which hides it), and the state is aliased in place, so its rows past nblocks would be read
+  # from and written to whatever lies behind the buffers. Mask every block load and store.
+  row = pl.program_id(0) * tb + jax.lax.broadcasted_iota(jnp.int32, (tb, 1), 0)
+  row_ok = None if nblocks % tb == 0 else row < nblocks                  # (TB, 1)
+  blk_ok = None if row_ok is None else jnp.broadcast_to(row_ok, (tb, block_size))
+  load = common.masked_load
+
+  def store(ref, value, mask):
+    from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
+    if mask is None:
+      ref[...] = value
+    else:
+      plt.store(ref, value, mask=mask)
+
   old = []
   for j in range(nm):
     q_ref, a_ref, code_ref = ins[3 * j: 3 * j + 3]
-    old.append(code_ref[q_ref[...].astype(jnp.int32)] * a_ref[...])
-  u, new = step_math(kind, s, z, g_ref[...], old, ops)
+    old.append(code_ref[load(q_ref, blk_ok).astype(jnp.int32)] * load(a_ref, row_ok))
+  u, new = step_math(kind, s, z, load(g_ref, blk_ok), old, ops)
   if with_param:
-    out_ref[...] = param_math(p_ref[...], u, s_ref[ns], s_ref[ns + 1], z)
+    store(out_ref, param_math(load(p_ref, blk_ok), u, s_ref[ns], s_ref[ns + 1], z), blk_ok)
   else:
-    out_ref[...] = u.astype(out_ref.dtype)
+    store(out_ref, u.astype(out_ref.dtype), blk_ok)
   valid = None
   if n % block_size:  # only a ragged last block needs the mask
-    row = pl.program_id(0) * tb + jax.lax.broadcasted_iota(jnp.int32, (tb, block_size), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (tb, block_size), 1)
     valid = row * block_size + col < n
   for j in range(nm):
     code_ref = ins[3 * j + 2]
     q, absmax = requantize(new[j], valid, z, lambda idx: code_ref[idx],
                            lambda i: code_ref[i], ops)
-    state_refs[2 * j][...] = q
-    state_refs[2 * j + 1][...] = absmax
+    store(state_refs[2 * j], q, blk_ok)
+    store(state_refs[2 * j + 1], absmax, row_ok)
 
 
 def _blocks(x: jax.Array, nblocks: int, block_size: int) -> jax.Array:
@@ -304,8 +320,8 @@ def update_8bit(g: jax.Array, moments: Sequence[tuple[jax.Array, jax.Array]],
     out_shape += [jax.ShapeDtypeStruct((nblocks, block_size), jnp.uint8),
                   jax.ShapeDtypeStruct((nblocks, 1), jnp.float32)]
   outs = pl.pallas_call(
-      functools.partial(_kernel, kind=kind, n=n, block_size=block_size, tb=tb,
-                        with_param=param is not None, interpret=interpret),
+      functools.partial(_kernel, kind=kind, n=n, nblocks=nblocks, block_size=block_size,
+                        tb=tb, with_param=param is not None, interpret=interpret),
       out_shape=out_shape,
       grid=(pl.cdiv(nblocks, tb),),
       in_specs=in_specs,

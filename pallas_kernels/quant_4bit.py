@@ -48,7 +48,7 @@ def encode_4bit(v: jax.Array, quant_type: str) -> jax.Array:
   if quant_type == "nf4":
     return sum((v > jnp.float32(t)).astype(jnp.int32) for t in NF4_THRESHOLDS)
   if quant_type == "fp4":
-    rank = sum((jnp.abs(v) > jnp.float32(t)).astype(jnp.int32) for t in FP4_THRESHOLDS)
+    rank = sum((common.fabs(v) > jnp.float32(t)).astype(jnp.int32) for t in FP4_THRESHOLDS)
     code = rank ^ ((rank & 2) << 1)  # magnitude rank 0..7 -> code 0,1,6,7,4,5,2,3
     return code | jnp.where(v < 0, 8, 0)
   raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
@@ -56,7 +56,7 @@ def encode_4bit(v: jax.Array, quant_type: str) -> jax.Array:
 
 def _absmax_and_codes(xf, quant_type, interpret):
   """``(absmax (TB, 1), codes (TB, bs) int32)`` of float32 blocks ``xf (TB, bs)``."""
-  mag = jnp.abs(xf)
+  mag = common.fabs(xf)
   finite = mag <= jnp.float32(_F32_MAX)  # False for NaN and +-Inf
   absmax = jnp.max(jnp.where(finite, mag, 0), axis=1, keepdims=True)
   bad = jnp.min(finite.astype(jnp.int32), axis=1, keepdims=True) == 0

@@ -16,6 +16,10 @@ from pallas_kernels import int8_matmul as im
 from pallas_kernels import int8_quant as iq
 from tests import helpers
 
+# Interpret mode off a GPU; on one (experiments/gpu_session.sh check: JAX_PLATFORMS=cuda) the
+# same tests compile and run the real Triton kernels.
+INTERPRET = jax.default_backend() != "gpu"
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -82,9 +86,9 @@ def test_quant_kernel_bit_equal(m, k, dtype, thr):
     x = x.at[1, 3].set(jnp.nan).at[2].set(0.0)  # a NaN row, an all-zero row
   x = x.astype(DTYPES[dtype])
   tiles = dict(block_m=32, max_tile=256, programs=1)  # 37 rows: 2 programs of 32
-  got = iq.int8_vectorwise_quant(x, threshold=thr, interpret=True, **tiles)
+  got = iq.int8_vectorwise_quant(x, threshold=thr, interpret=INTERPRET, **tiles)
   _eq(got, F.int8_vectorwise_quant(x, thr))
-  raw, _, cols = iq.int8_vectorwise_quant_raw(x, threshold=thr, interpret=True, **tiles)
+  raw, _, cols = iq.int8_vectorwise_quant_raw(x, threshold=thr, interpret=INTERPRET, **tiles)
   raw, cols = np.asarray(raw), np.asarray(cols)
   np.testing.assert_array_equal(raw[:, ~cols], np.asarray(got[0])[:, ~cols])  # raw = zeroed
   assert cols.any() == (thr > 0)
@@ -113,7 +117,7 @@ def test_gemm_int32_accumulator_exact(m, n, k, tiles):
   mask = jax.random.bernoulli(kc, 0.2, (k,))
   ones = jnp.ones((m,), jnp.float32)
   acc = jax.jit(lambda a, b, mask: im.int8_gemm(
-      a, b, ones, ones[:1].repeat(n), colmask=mask, return_acc=True, interpret=True,
+      a, b, ones, ones[:1].repeat(n), colmask=mask, return_acc=True, interpret=INTERPRET,
       tiles=tiles))(a, b, mask)
   want = jax.lax.dot_general(jnp.where(mask[None, :], jnp.int8(0), a), b,
                              (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
@@ -133,7 +137,7 @@ def test_linear_threshold0_bit_equal_to_xla_path(m, dtype):
   n, k = 50, 96
   x = _activations(jax.random.key(m), m, k, DTYPES[dtype], "none")
   w = _weight(jax.random.key(1), n, k)
-  got = im.int8_linear(x, w.CB, w.SCB, threshold=0.0, interpret=True)
+  got = im.int8_linear(x, w.CB, w.SCB, threshold=0.0, interpret=INTERPRET)
   want = ops._int8_linear_impl(x, w, None, 0.0, 256)
   _eq([got], [want])
   _eq([im.int8_linear_reference(x, w.CB, w.SCB, threshold=0.0)], [want])
@@ -144,7 +148,7 @@ def test_linear_threshold0_bit_equal_to_xla_path(m, dtype):
 
 def _check_linear(x, w, bias, thr, cap):
   got = im.int8_linear(x, w.CB, w.SCB, bias, threshold=thr, max_outlier_cols=cap,
-                       interpret=True)
+                       interpret=INTERPRET)
   want = ops._int8_linear_impl(x, w, bias, thr, cap)
   assert got.dtype == x.dtype and got.shape == want.shape
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -209,7 +213,7 @@ def test_matches_bnb_linear8bitlt_vectors(threshold):
   a16 = jnp.asarray(a, jnp.float16)
   wq = qtensor.quantize_8bit_array(jnp.asarray(w, jnp.float16), transposed=False,
                                    threshold=threshold)
-  y = im.int8_linear(a16, wq.CB, wq.SCB, threshold=threshold, interpret=True)
+  y = im.int8_linear(a16, wq.CB, wq.SCB, threshold=threshold, interpret=INTERPRET)
   assert y.dtype == jnp.float16 and y.shape == y_ref.shape
   y = np.asarray(y, np.float32)
   diff = np.abs(y - y_ref)
@@ -226,7 +230,7 @@ def test_supported_and_unsupported_raise():
   assert not im.supported(0, 64, 64, jnp.float32)
   with pytest.raises(ValueError, match="XLA path"):
     im.int8_linear(jnp.zeros((2, 48)), jnp.zeros((8, 48), jnp.int8), jnp.ones((8,)),
-                   interpret=True)
+                   interpret=INTERPRET)
 
 
 def test_tiling_table():

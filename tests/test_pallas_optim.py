@@ -17,6 +17,10 @@ from jaxbnb.optim.state import QuantizedMoment, read_moment
 from pallas_kernels import optim_8bit as K
 from tests import helpers
 
+# Interpret mode off a GPU; on one (experiments/gpu_session.sh check: JAX_PLATFORMS=cuda) the
+# same tests compile and run the real Triton kernels.
+INTERPRET = jax.default_backend() != "gpu"
+
 
 def _bits(tree):
   """Every leaf as raw bytes, so -0.0 vs 0.0 and NaN payloads count."""
@@ -130,7 +134,7 @@ def test_kernel_matches_reference_hypothesis(kind, n, bs, dtype, with_param, see
   scalars = K.scalar_vector((*_KIND_SCALARS[kind], *extra))
   param = jax.random.normal(kp, (n,)).astype(dtype) if with_param else None
   got = K.update_8bit(g, moments, codes, scalars, param, kind=kind, block_size=bs,
-                      block_elems=2 * bs, interpret=True)
+                      block_elems=2 * bs, interpret=INTERPRET)
   want = K.update_8bit_reference(g, moments, codes, scalars, param, kind=kind, block_size=bs)
   assert_same_bits(got, want)
   (out, new) = got
@@ -146,7 +150,7 @@ def test_reference_matches_state_codec():
   # decay 0: momentum's new moment is exactly g, so the kernel requantizes g itself.
   scalars = K.scalar_vector((0.0,))
   u, ((q, a),) = K.update_8bit(x, [(m.q, m.absmax)], [create_dynamic_map(True)], scalars,
-                               kind="momentum", block_size=64, interpret=True)
+                               kind="momentum", block_size=64, interpret=INTERPRET)
   np.testing.assert_array_equal(np.asarray(u), np.asarray(x))
   np.testing.assert_array_equal(np.asarray(q), np.asarray(m.q))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(m.absmax))
