@@ -38,7 +38,7 @@ case "$stage" in
   check)
     # JAX_PLATFORMS=cuda overrides tests/conftest.py's CPU default: the Pallas backend then
     # compiles real kernels (interpret mode is only chosen off a GPU).
-    JAX_PLATFORMS=cuda STEP_TIMEOUT=500 run check $py -m pytest -q -x -p no:cacheprovider \
+    JAX_PLATFORMS=cuda STEP_TIMEOUT=500 run check $py -m pytest -q -p no:cacheprovider --durations=15 \
       tests/test_pallas_4bit.py tests/test_pallas_int8.py tests/test_pallas_optim.py \
       tests/test_ops.py tests/test_interop_bnb.py ;;
   bench4)
