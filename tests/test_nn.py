@@ -314,3 +314,31 @@ def test_embedding_lookup_dequantizes_only_the_rows_read(cls):
   sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.eqns for v in e.outvars
            if jnp.issubdtype(v.aval.dtype, jnp.floating)]
   assert max(sizes) < 1000 * 64 // 8, sorted(sizes)[-3:]
+
+
+@pytest.mark.parametrize("make", [
+    lambda b: qnn.LinearNF4(64, 48, backend=b, rngs=nnx.Rngs(0)),
+    lambda b: qnn.Linear8bitLt(64, 48, threshold=6.0, backend=b, rngs=nnx.Rngs(0)),
+])
+def test_linear_layers_take_a_backend(make):
+  """backend="pallas" runs the kernels (interpret mode here) with the XLA layer's answer; an
+  unknown backend fails at construction."""
+  x = _x((20, 64)).at[0, 5].set(9.0)  # M > 16 (GEMM), with an int8 outlier column
+  want = make("xla")(x)
+  layer = make("pallas")
+  assert "pallas_call" in str(jax.make_jaxpr(lambda x: layer(x))(x))
+  np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="backend"):
+    make("cuda")
+
+
+def test_linen_linear_layers_take_a_backend():
+  x = _x((4, 64))
+  for cls, kw in ((qlinen.Linear4bit, {"quant_type": "nf4"}), (qlinen.Linear8bitLt, {})):
+    layer = cls(32, backend="pallas", **kw)
+    variables = layer.init(jax.random.key(0), x)
+    ref = cls(32, backend="xla", **kw).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(layer.apply(variables, x)), np.asarray(ref),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="backend"):
+      cls(32, backend="cuda", **kw).init(jax.random.key(0), x)

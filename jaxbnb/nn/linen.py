@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxbnb import ops
+from jaxbnb import _backend, ops
 from jaxbnb.functional import _checks
 from jaxbnb.nn.nnx import _attend, _check_4bit, _check_features, _check_float_input, _check_ids
 from jaxbnb.qtensor import quantize_4bit_array, quantize_8bit_array
@@ -83,6 +83,7 @@ class Linear4bit(nn.Module):
     blocksize: elements per absmax block: 32, 64, ..., 4096.
     compute_dtype: dtype the matmul runs in (float32 accumulation either way).
     quant_storage: dtype holding the packed bytes.
+    backend: ``"auto"``, ``"xla"`` or ``"pallas"`` (see :func:`jaxbnb.matmul_4bit`).
     dtype: dtype of the input and output (the input is cast to it; default: the input's).
     param_dtype: dtype of the initial float kernel and of the bias.
     kernel_init, bias_init: initializers.
@@ -95,6 +96,7 @@ class Linear4bit(nn.Module):
   blocksize: int = 64
   compute_dtype: Dtype = jnp.float32
   quant_storage: Dtype = jnp.uint8
+  backend: str = "auto"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_kernel_init
@@ -104,6 +106,7 @@ class Linear4bit(nn.Module):
     what = type(self).__name__
     _check_features(what, features=self.features)
     _check_4bit(what, self.quant_type, self.blocksize, self.compute_dtype)
+    _backend.check(self.backend)
     super().__post_init__()
 
   @nn.compact
@@ -120,7 +123,7 @@ class Linear4bit(nn.Module):
         compute_dtype=self.compute_dtype))
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    return ops.matmul_4bit(inputs, kernel, bias)
+    return ops.matmul_4bit(inputs, kernel, bias, backend=self.backend)
 
 
 def _fixed_quant_type(base: type, quant_type: str, name: str) -> type:
@@ -152,6 +155,7 @@ class Linear8bitLt(nn.Module):
     threshold: outlier threshold; 0 (bitsandbytes' default) disables the decomposition,
       6.0 is LLM.int8()'s value.
     has_fp16_weights: keep 16-bit master weights for int8 training; not supported yet.
+    backend: ``"auto"``, ``"xla"`` or ``"pallas"`` (see :func:`jaxbnb.int8_matmul`).
     dtype: dtype of the input and output (the input is cast to it; default: the input's).
     param_dtype: dtype of the initial float kernel and of the bias.
     kernel_init, bias_init: initializers.
@@ -161,6 +165,7 @@ class Linear8bitLt(nn.Module):
   use_bias: bool = True
   threshold: float = 0.0
   has_fp16_weights: bool = False
+  backend: str = "auto"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_kernel_init
@@ -176,6 +181,7 @@ class Linear8bitLt(nn.Module):
     t = self.threshold
     if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t >= 0:
       raise ValueError(f"{what}: threshold must be a number >= 0; got {t!r}")
+    _backend.check(self.backend)
     super().__post_init__()
 
   @nn.compact
@@ -192,7 +198,7 @@ class Linear8bitLt(nn.Module):
             if self.use_bias else None)
     if bias is not None:
       bias = bias.astype(jnp.float32)  # keeps the bias gradient in its dtype (see nnx.py)
-    return ops.int8_matmul(inputs, kernel, bias)
+    return ops.int8_matmul(inputs, kernel, bias, backend=self.backend)
 
 
 class Embedding4bit(nn.Module):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jaxbnb import ops
+from jaxbnb import _backend, ops
 from jaxbnb.functional import _checks
 from jaxbnb.qtensor import quantize_4bit_array, quantize_8bit_array
 
@@ -164,6 +164,8 @@ class Linear4bit(_FromWeights, nnx.Module):
     blocksize: elements per absmax block: 32, 64, ..., 4096.
     compute_dtype: dtype the matmul runs in (float32 accumulation either way).
     quant_storage: dtype holding the packed bytes (uint8, or e.g. bfloat16 for FSDP).
+    backend: ``"auto"``, ``"xla"`` or ``"pallas"`` (the Pallas GEMV/GEMM kernels; see
+      :func:`jaxbnb.matmul_4bit`): speed, never the answer.
     dtype: dtype of the input and output: the input is cast to it first, as Flax's
       ``promote_dtype`` does (default: the input's dtype).
     param_dtype: dtype of the initial float kernel (the dequantized dtype) and of the bias.
@@ -175,12 +177,14 @@ class Linear4bit(_FromWeights, nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                quant_type: str = "fp4", compress_statistics: bool = True, blocksize: int = 64,
                compute_dtype: Dtype = jnp.float32, quant_storage: Dtype = jnp.uint8,
+               backend: str = "auto",
                dtype: tp.Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init, rngs: nnx.Rngs):
     what = type(self).__name__
     _check_features(what, in_features=in_features, out_features=out_features)
     _check_4bit(what, quant_type, blocksize, compute_dtype)
+    _backend.check(backend)
     kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
     self.kernel = QuantizedParam(quantize_4bit_array(
         kernel, transposed=True, blocksize=blocksize, quant_type=quant_type,
@@ -200,6 +204,7 @@ class Linear4bit(_FromWeights, nnx.Module):
     self.blocksize = blocksize
     self.compute_dtype = compute_dtype
     self.quant_storage = quant_storage
+    self.backend = backend
     self.dtype = dtype
     self.param_dtype = param_dtype
 
@@ -209,7 +214,7 @@ class Linear4bit(_FromWeights, nnx.Module):
       inputs = inputs.astype(self.dtype)
     _check_float_input(type(self).__name__, inputs)
     bias = self.bias[...] if self.bias is not None else None
-    return ops.matmul_4bit(inputs, self.kernel.get_value(), bias)
+    return ops.matmul_4bit(inputs, self.kernel.get_value(), bias, backend=self.backend)
 
 
 def _fixed_quant_type(base: type, quant_type: str, name: str) -> type:
@@ -240,6 +245,8 @@ class Linear8bitLt(_FromWeights, nnx.Module):
     in_features, out_features, use_bias: as ``nnx.Linear``.
     threshold: outlier threshold; 0 (bitsandbytes' default) disables the decomposition.
     has_fp16_weights: keep 16-bit master weights for int8 training; not supported yet.
+    backend: ``"auto"``, ``"xla"`` or ``"pallas"`` (the int8 Pallas GEMM/GEMV; see
+      :func:`jaxbnb.int8_matmul`): speed, never the answer.
     dtype: dtype of the input and output (the input is cast to it; default: the input's).
     param_dtype: dtype of the initial float kernel and of the bias.
     kernel_init, bias_init, rngs: as ``nnx.Linear``.
@@ -247,6 +254,7 @@ class Linear8bitLt(_FromWeights, nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                threshold: float = 0.0, has_fp16_weights: bool = False,
+               backend: str = "auto",
                dtype: tp.Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init, rngs: nnx.Rngs):
@@ -259,6 +267,7 @@ class Linear8bitLt(_FromWeights, nnx.Module):
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
         threshold >= 0):
       raise ValueError(f"{what}: threshold must be a number >= 0; got {threshold!r}")
+    _backend.check(backend)
     kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
     self.kernel = QuantizedParam(quantize_8bit_array(kernel, transposed=True,
                                                      threshold=threshold))
@@ -273,6 +282,7 @@ class Linear8bitLt(_FromWeights, nnx.Module):
     self.use_bias = use_bias
     self.threshold = float(threshold)
     self.has_fp16_weights = False
+    self.backend = backend
     self.dtype = dtype
     self.param_dtype = param_dtype
 
@@ -286,7 +296,7 @@ class Linear8bitLt(_FromWeights, nnx.Module):
       # int8_matmul adds the bias in float32 anyway; passing it as float32 keeps the bias
       # gradient in the bias's own dtype (the op's backward returns a float32 cotangent).
       bias = bias.astype(jnp.float32)
-    return ops.int8_matmul(inputs, self.kernel.get_value(), bias)
+    return ops.int8_matmul(inputs, self.kernel.get_value(), bias, backend=self.backend)
 
 
 # --- embeddings ---------------------------------------------------------------------------------
