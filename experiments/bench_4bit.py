@@ -32,7 +32,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from benchlib import device_time_ms
 
 M_GRID = (1, 4, 16, 64, 512, 4096)
 SHAPES = ("4096x4096", "8192x8192", "14336x4096", "4096x14336")  # N x K of W (out, in)
@@ -42,33 +43,12 @@ GEMV_MAX_M = 16
 # --- JAX side ------------------------------------------------------------------------------------
 
 
-def _timed(fn, x, iters, repeats):
-  """Median ms per call of ``fn(x)`` over ``repeats`` runs of an ``iters``-step fori_loop."""
-  import jax
-  import jax.numpy as jnp
-
-  def perturb(i):
-    return x * (1 + i.astype(x.dtype) * jnp.asarray(1e-3, x.dtype))
-
-  @jax.jit
-  def run(x0):
-    del x0
-    return jax.lax.fori_loop(0, iters, lambda i, _: fn(perturb(i)), fn(x))
-
-  jax.block_until_ready(run(x))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(x))
-    times.append((time.perf_counter() - t0) * 1e3 / (iters + 1))
-  return statistics.median(times)
-
 
 def measured_bandwidth(iters, repeats, nbytes=1 << 30):
   """GB/s of a streaming read + write (``y = x * c``) of ``nbytes`` bf16 each way."""
   import jax.numpy as jnp
   x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-  ms = _timed(lambda v: v * jnp.asarray(1.0001, v.dtype), x, iters, repeats)
+  ms = device_time_ms(lambda v: v * jnp.asarray(1.0001, v.dtype), x, iters, repeats)
   return 2 * nbytes / ms / 1e6
 
 
@@ -121,7 +101,7 @@ def jax_rows(args):
         if not dq:
           fns["bf16"] = bf16
         for name, fn in fns.items():
-          out[(n, k, m, dq, name)] = _timed(fn, x, args.iters, args.repeats)
+          out[(n, k, m, dq, name)] = device_time_ms(fn, x, args.iters, args.repeats)
         want = bf16(x).astype(jnp.float32)
         errs[(n, k, m, dq)] = float(jnp.max(jnp.abs(pallas(x).astype(jnp.float32) - want)))
   # dequantize / quantize at the first shape (8192^2 in the full grid)
@@ -129,18 +109,18 @@ def jax_rows(args):
   w = jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16)
   q, state = fourbit.quantize_4bit(w, bs, "nf4")
   packed = fourbit.storage_bytes(q)
-  out["dequant"] = _timed(
+  out["dequant"] = device_time_ms(
       lambda a: dq_kernel.dequantize_4bit(packed, a, n=n * k, blocksize=bs, quant_type="nf4",
                                           out_dtype=jnp.bfloat16, interpret=interp),
       state.absmax, args.iters, args.repeats)
   # Both outputs are returned (the loop carry), so neither op can be trimmed to its absmax.
-  out["quant"] = _timed(
+  out["quant"] = device_time_ms(
       lambda x: qk.quantize_4bit(x, blocksize=bs, quant_type="nf4", interpret=interp),
       w, args.iters, args.repeats)
-  out["dequant_xla"] = _timed(
+  out["dequant_xla"] = device_time_ms(
       lambda a: fourbit.dequantize_4bit(q, dataclasses.replace(state, absmax=a)),
       state.absmax, args.iters, args.repeats)
-  out["quant_xla"] = _timed(
+  out["quant_xla"] = device_time_ms(
       lambda x: (lambda q, st: (q, st.absmax))(*fourbit.quantize_4bit(x, bs, "nf4")), w,
       args.iters, args.repeats)
   out["dq_shape"] = (n, k)

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchlib import peak_gbps
 from jaxbnb import functional as F
 from jaxbnb.functional import blockwise, fourbit
 
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM, vendor figures
 
 
 def _loop(fn, x, iters):
@@ -132,7 +132,7 @@ def main():
            for name, (fn, inp, _) in cases.items()}
   bnb = time_bnb(args.size, args.iters, args.repeats)
   bnb_times, bnb_where = bnb if bnb else ({}, "bitsandbytes not importable")
-  peak = next((v for k, v in PEAK_GBPS.items() if k in dev.device_kind), None)
+  peak = peak_gbps(dev)
 
   print(f"jaxbnb functional (XLA), {args.size}x{args.size} bf16 input, "
         f"device: {dev.platform} {dev.device_kind}, jax {jax.__version__}, "

@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +41,8 @@ from jaxbnb import ops  # noqa: E402
 from jaxbnb.qtensor import Quantized8bit  # noqa: E402
 from jaxbnb.functional import int8 as F  # noqa: E402
 from pallas_kernels import int8_matmul as im  # noqa: E402
+from benchlib import device_time_ms, peak_gbps  # noqa: E402
 
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM, vendor figures
 
 # Runs in a subprocess (torch and JAX in one process fight over GPU memory): times bnb's
 # Linear8bitLt and a torch bf16 matmul with CUDA events; prints one JSON object.
@@ -88,24 +86,6 @@ for m, n, k, thr, frac in cfg["cases"]:
 print(json.dumps(out))
 """
 
-
-def _timed(fn, x, iters, repeats):
-  """Median ms per call of ``fn(x)`` over ``repeats`` runs of an ``iters``-step fori_loop."""
-  def perturb(i):
-    return x * (1 + i.astype(x.dtype) * jnp.asarray(1e-3, x.dtype))
-
-  @jax.jit
-  def run(x0):
-    del x0
-    return jax.lax.fori_loop(0, iters, lambda i, _: fn(perturb(i)), fn(x))
-
-  jax.block_until_ready(run(x))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(x))
-    times.append((time.perf_counter() - t0) * 1e3 / (iters + 1))
-  return statistics.median(times)
 
 
 def _bnb_times(cases, iters, repeats):
@@ -153,7 +133,7 @@ def main():
   dev = jax.devices()[0]
   if dev.platform != "gpu" and not interpret:
     raise SystemExit("no GPU: run with --quick to exercise the code on CPU")
-  peak = next((v for key, v in PEAK_GBPS.items() if key in dev.device_kind), None)
+  peak = peak_gbps(dev)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
   cases = [(m, n, k, thr, frac if thr > 0 else 0.0)
            for (n, k) in shapes for m in args.m for thr in args.thresholds
@@ -181,7 +161,7 @@ def main():
     bf16 = lambda x: jax.lax.dot_general(x.astype(jnp.bfloat16), wb, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32).astype(jnp.bfloat16)
     err = float(jnp.max(jnp.abs(pallas(x).astype(jnp.float32) - xla(x).astype(jnp.float32))))
-    t = {name: _timed(fn, x, args.iters, args.repeats)
+    t = {name: device_time_ms(fn, x, args.iters, args.repeats)
          for name, fn in (("pallas", pallas), ("xla", xla), ("bf16", bf16))}
     t_bnb = bnb.get(f"{m},{n},{k},{thr},{frac}")
     nbytes = n * k + 4 * n + 2 * m * k + 2 * m * n

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import pathlib
 import time
 
@@ -29,16 +28,10 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 import jaxbnb
+from bench_qlora_step import PRESETS
 from jaxbnb.models.gpt import GPT, GPTConfig
 from jaxbnb.tree import path_str
 
-PRESETS = {
-    "tiny": GPTConfig(vocab_size=256, n_layer=2, n_head=4, d_model=64, d_ff=256, max_len=64),
-    "1b": GPTConfig(vocab_size=32000, n_layer=18, n_head=16, d_model=2048, d_ff=8192,
-                    max_len=512),
-    "20b": GPTConfig(vocab_size=32000, n_layer=44, n_head=48, d_model=6144, d_ff=24576,
-                     max_len=512),
-}
 SHARD_BYTES = 4 << 30
 
 

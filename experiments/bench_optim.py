@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchlib import peak_gbps
 from jaxbnb import optim
 
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 
 
 def _run_fn(update, steps):
@@ -180,7 +180,7 @@ def main():
     rows[name] = (t, sb, n * bpp + 2 * sb, mem)
   torch_rows = {} if args.no_torch else time_torch(args.tensors, args.side, args.steps,
                                                    args.repeats)
-  peak = next((v for k, v in PEAK_GBPS.items() if k in dev.device_kind), None)
+  peak = peak_gbps(dev)
   base = rows["optax adamw (fp32 state)"][0]
   interp = "" if on_gpu or not any("pallas" in k for k in rows) else (
       " (Pallas rows: interpret mode)")

@@ -40,7 +40,9 @@ PRESETS = {
                     max_len=2048),
     "7b": GPTConfig(vocab_size=32000, n_layer=32, n_head=32, d_model=4096, d_ff=16384,
                     max_len=2048),
-}
+    "20b": GPTConfig(vocab_size=32000, n_layer=44, n_head=48, d_model=6144, d_ff=24576,
+                     max_len=2048),
+}  # random-weight GPTs for the GPU benchmarks (also bench_load.py)
 FULL_FINETUNE_BYTES_PER_PARAM = 16  # bf16 weight + bf16 grad + fp32 master + fp32 Adam m, v
 
 

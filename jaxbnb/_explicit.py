@@ -67,12 +67,6 @@ def axes_size(mesh, entry: AxisSpec) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
-def names(entry: AxisSpec) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return entry if isinstance(entry, tuple) else (entry,)
-
-
 def leading(spec: tuple[AxisSpec, ...], axes: tuple[int, ...]) -> AxisSpec:
   """Mesh axes of a row-major flattening of ``axes``: the first axis's, if no later axis is
   sharded (a sharded later axis would make each device's rows non-contiguous)."""

@@ -189,6 +189,23 @@ def _linear(x, w, bias, backend):
   return y.astype(x.dtype)
 
 
+def _as_linear(x, w, dims, linear):
+  """``x @ kernel`` as ``linear(x2 (..., in), w) -> (..., out)`` when ``dims`` contract x's last
+  axes with the weight's input axes (no batch axes); else None. Returns ``run(out_dtype)``."""
+  (xc, wc), (xb, wb) = dims
+  in_axes = tuple(range(w.n_in)) if w.transposed else tuple(range(1, w.ndim))
+  n_in_axes = len(in_axes)
+  if xb or wb or tuple(wc) != in_axes or tuple(xc) != tuple(range(x.ndim - n_in_axes, x.ndim)):
+    return None
+  lead = x.shape[:x.ndim - n_in_axes]
+  out_axes = w.shape[w.n_in:] if w.transposed else w.shape[:1]
+
+  def run(out_dtype):
+    y = linear(x.reshape(*lead, w.matrix_shape[1]), w)
+    return y.reshape(*lead, *out_axes).astype(out_dtype)
+  return run
+
+
 def _as_4bit_pallas_linear(x, w, dims, backend):
   """``x @ kernel`` on a 4-bit weight by a Pallas kernel (backend "pallas"), else None.
 
@@ -197,21 +214,10 @@ def _as_4bit_pallas_linear(x, w, dims, backend):
   """
   if _backend.pallas_interpret(backend) is None or not jnp.issubdtype(x.dtype, jnp.floating):
     return None
-  (xc, wc), (xb, wb) = dims
-  in_axes = tuple(range(w.n_in)) if w.transposed else tuple(range(1, w.ndim))
-  n_in_axes = len(in_axes)
-  if xb or wb or tuple(wc) != in_axes or tuple(xc) != tuple(range(x.ndim - n_in_axes, x.ndim)):
+  m = math.prod(x.shape) // max(1, w.matrix_shape[1])
+  if _pallas_4bit_kernel(m, *w.matrix_shape, w) is None:
     return None
-  lead = x.shape[:x.ndim - n_in_axes]
-  n_out, n_in = w.matrix_shape
-  if _pallas_4bit_kernel(math.prod(lead), n_out, n_in, w) is None:
-    return None
-  out_axes = w.shape[w.n_in:] if w.transposed else w.shape[:1]
-
-  def run(out_dtype):
-    y = matmul_4bit(x.reshape(*lead, n_in), w, backend=backend)
-    return y.reshape(*lead, *out_axes).astype(out_dtype)
-  return run
+  return _as_linear(x, w, dims, lambda x2, w: matmul_4bit(x2, w, backend=backend))
 
 
 def _pallas_4bit_kernel(m, n_out, n_in, w) -> Optional[str]:
@@ -307,18 +313,7 @@ def int8_matmul(x: jax.Array, w: Quantized8bit, bias: Optional[jax.Array] = None
 
 def _as_int8_linear(x, w, dims, backend="auto"):
   """The LLM.int8() path when ``dims`` contract x's last axis with the weight's input axes."""
-  (xc, wc), (xb, wb) = dims
-  in_axes = tuple(range(w.n_in)) if w.transposed else tuple(range(1, w.ndim))
-  n_in_axes = len(in_axes)
-  if xb or wb or tuple(wc) != in_axes or tuple(xc) != tuple(range(x.ndim - n_in_axes, x.ndim)):
-    return None
-  out_axes = w.shape[w.n_in:] if w.transposed else w.shape[:1]
-  lead = x.shape[:x.ndim - n_in_axes]
-
-  def run(out_dtype):
-    y = int8_matmul(x.reshape(*lead, -1), w, backend=backend)
-    return y.reshape(*lead, *out_axes).astype(out_dtype)
-  return run
+  return _as_linear(x, w, dims, lambda x2, w: int8_matmul(x2, w, backend=backend))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

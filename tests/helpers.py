@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbnb import qtensor
+
 DATA = pathlib.Path(__file__).parent / "data"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,3 +61,22 @@ def lower_for_h100(fn, *specs):
   with use_abstract_mesh(mesh), warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # the Triton backend's deprecation
     return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def bnb_int8_case(threshold: float):
+  """bnb's Linear8bitLt vectors: ``(A fp16, W as a Quantized8bit (out, in), bnb's output)``."""
+  with np.load(DATA / "bnb_int8_matmul.npz") as f:
+    a, w, y_ref = f["A"], f["W"], f[f"y_thr{threshold}"]
+  wq = qtensor.quantize_8bit_array(jnp.asarray(w, jnp.float16), transposed=False,
+                                   threshold=threshold)
+  return jnp.asarray(a, jnp.float16), wq, y_ref
+
+
+def assert_close_to_bnb_int8(y, y_ref) -> np.ndarray:
+  """bnb's Linear8bitLt output reproduced: fp16, same shape, within its int8 tolerances."""
+  assert y.dtype == jnp.float16 and y.shape == y_ref.shape
+  y = np.asarray(y, np.float32)
+  diff = np.abs(y - y_ref)
+  assert diff.max() <= 0.15, diff.max()
+  assert np.mean(diff <= 4e-3 * np.abs(y_ref) + 1e-3) >= 0.98
+  return y

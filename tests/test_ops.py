@@ -61,17 +61,8 @@ def test_matmul_4bit_backward_recomputes_weight():
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_int8_matmul_matches_bnb_linear8bitlt(threshold):
-  with np.load(helpers.DATA / "bnb_int8_matmul.npz") as f:
-    a, w, y_ref = f["A"], f["W"], f[f"y_thr{threshold}"]
-  a16 = jnp.asarray(a, jnp.float16)
-  wq = qtensor.quantize_8bit_array(jnp.asarray(w, jnp.float16), transposed=False,
-                                   threshold=threshold)
-  y = jaxbnb.int8_matmul(a16, wq)
-  assert y.dtype == jnp.float16 and y.shape == y_ref.shape
-  y = np.asarray(y, np.float32)
-  diff = np.abs(y - y_ref)
-  assert diff.max() <= 0.15, diff.max()
-  assert np.mean(diff <= 4e-3 * np.abs(y_ref) + 1e-3) >= 0.98
+  a16, wq, y_ref = helpers.bnb_int8_case(threshold)
+  helpers.assert_close_to_bnb_int8(jaxbnb.int8_matmul(a16, wq), y_ref)
 
 
 def test_int8_decomposition_matters():

@@ -208,17 +208,9 @@ def test_linear_outlier_patterns(pattern, cap, m):
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_matches_bnb_linear8bitlt_vectors(threshold):
-  with np.load(helpers.DATA / "bnb_int8_matmul.npz") as f:
-    a, w, y_ref = f["A"], f["W"], f[f"y_thr{threshold}"]
-  a16 = jnp.asarray(a, jnp.float16)
-  wq = qtensor.quantize_8bit_array(jnp.asarray(w, jnp.float16), transposed=False,
-                                   threshold=threshold)
-  y = im.int8_linear(a16, wq.CB, wq.SCB, threshold=threshold, interpret=INTERPRET)
-  assert y.dtype == jnp.float16 and y.shape == y_ref.shape
-  y = np.asarray(y, np.float32)
-  diff = np.abs(y - y_ref)
-  assert diff.max() <= 0.15, diff.max()
-  assert np.mean(diff <= 4e-3 * np.abs(y_ref) + 1e-3) >= 0.98
+  a16, wq, y_ref = helpers.bnb_int8_case(threshold)
+  y = helpers.assert_close_to_bnb_int8(
+      im.int8_linear(a16, wq.CB, wq.SCB, threshold=threshold, interpret=INTERPRET), y_ref)
   np.testing.assert_allclose(y, np.asarray(ops._int8_linear_impl(a16, wq, None, threshold, 256),
                                            np.float32), atol=2e-3, rtol=2e-3)
 
