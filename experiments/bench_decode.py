@@ -90,7 +90,7 @@ def _tokens_per_s(generate, state, tok0, steps, repeats):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--d-model", type=int, default=2048)
   p.add_argument("--n-layer", type=int, default=8)
   p.add_argument("--n-head", type=int, default=16)

@@ -5,7 +5,7 @@ device's memory bandwidth (GPUs with a known peak), and ratios to a bf16 cast of
 and to bitsandbytes in the same run (when torch + bitsandbytes import and share the device).
 
 Each timing runs the op `--iters` times inside one jit (lax.fori_loop, the input perturbed each
-step so nothing is hoisted), so Python dispatch is not measured (DESIGN.md: ~0.08 ms per call).
+step so nothing is hoisted), so Python dispatch is not measured (~0.08 ms per call on an H100).
 
   python experiments/bench_functional.py [--size 4096] [--iters 20] [--repeats 5]
 """
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchlib import peak_gbps
+from benchlib import device_name, peak_gbps
 from jaxbnb import functional as F
 from jaxbnb.functional import blockwise, fourbit
 
@@ -96,7 +96,7 @@ def time_bnb(size, iters, repeats):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--size", type=int, default=4096, help="square tensor side")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
@@ -135,7 +135,7 @@ def main():
   peak = peak_gbps(dev)
 
   print(f"jaxbnb functional (XLA), {args.size}x{args.size} bf16 input, "
-        f"device: {dev.platform} {dev.device_kind}, jax {jax.__version__}, "
+        f"device: {device_name(dev)}, jax {jax.__version__}, "
         f"{datetime.date.today()}; {bnb_where}")
   print(f"{'op':<26}{'ms':>9}{'GB/s':>9}{'% peak':>8}{'x bf16 cast':>13}{'x bnb':>8}")
   base = times["bf16 cast (fp32->bf16)"]

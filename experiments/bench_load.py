@@ -78,7 +78,7 @@ def write_checkpoint(abstract, directory: pathlib.Path) -> int:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", choices=sorted(PRESETS), default="20b")
   p.add_argument("--dir", default=None, help="checkpoint folder (default /tmp/jaxbnb_gpt_PRESET)")
   p.add_argument("--new-tokens", type=int, default=16)

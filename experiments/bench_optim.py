@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchlib import peak_gbps
+from benchlib import device_name, peak_gbps
 from jaxbnb import optim
 
 
@@ -156,7 +156,7 @@ def rows_to_run(on_gpu: bool, quick: bool, skip_pallas: bool):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--side", type=int, default=8192)
   parser.add_argument("--tensors", type=int, default=4)
   parser.add_argument("--steps", type=int, default=10)
@@ -185,7 +185,7 @@ def main():
   interp = "" if on_gpu or not any("pallas" in k for k in rows) else (
       " (Pallas rows: interpret mode)")
   print(f"AdamW step, {args.tensors} x {args.side}x{args.side} fp32 ({n / 1e6:.1f}M params), "
-        f"device: {dev.platform} {dev.device_kind}, jax {jax.__version__}, "
+        f"device: {device_name(dev)}, jax {jax.__version__}, "
         f"{datetime.date.today()}{interp}")
   print(f"{'optimizer':<34}{'ms/step':>10}{'state MB':>10}{'B/param':>9}{'GB/s':>8}"
         f"{'% peak':>8}{'x optax':>9}{'device MiB':>12}")

@@ -75,7 +75,7 @@ def random_base(config: GPTConfig, qcfg: jaxbnb.BitsAndBytesConfig, dtype=jnp.bf
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", choices=sorted(PRESETS), default="1b")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)

@@ -6,6 +6,7 @@ JAX is imported inside the functions: the 4-bit benchmark runs its torch side be
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable, Optional
@@ -18,11 +19,24 @@ def peak_gbps(device) -> Optional[float]:
   return next((v for k, v in PEAK_GBPS.items() if k in device.device_kind), None)
 
 
+def device_name(device) -> str:
+  """A readable name for ``device`` (a ``jax.Device``): the GPU kind, or the CPU model."""
+  if device.platform != "cpu":
+    return device.device_kind
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   None)
+  except OSError:
+    model = None
+  return f"CPU {model or device.device_kind}, {os.cpu_count()} cores"
+
+
 def device_time_ms(fn: Callable, x, iters: int, repeats: int) -> float:
   """Median ms per call of ``fn(x)`` over ``repeats`` runs of an ``iters``-step fori_loop.
 
   All calls run inside one jit, ``x`` perturbed each step so nothing is hoisted: a single jit
-  call costs ~0.08 ms of host dispatch (DESIGN.md), more than the kernels being timed.
+  call costs ~0.08 ms of host dispatch on a GPU, more than the kernels being timed.
   """
   import jax
   import jax.numpy as jnp

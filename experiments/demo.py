@@ -64,12 +64,17 @@ def _kernel_error(state, deq) -> float:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (QLoRA: 64)")
   add_output_args(parser, "minilm_formats")
   parser.add_argument("--quick", action="store_true", help="fp32 and NF4 + DQ only (smoke test)")
+  parser.add_argument("--save", action="store_true",
+                      help="write JSON + PNG to docs/results (default: print only)")
   args = parser.parse_args()
-  write = resolve_output(args, "minilm_formats")
+  # Printing is the demo; files only when asked, so a first `make demo` leaves the tree clean.
+  asked = args.save or args.out is not None
+  resolve_output(args, "minilm_formats")
+  write = asked and not (args.quick and not args.out)
   if args.replot:
     save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
                 args.out.with_suffix(".png"), figsize=(10.0, 4.0))
@@ -133,7 +138,7 @@ def main() -> None:
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps({
       "date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].platform,
-      "command": "python experiments/demo.py", "blocksize": args.blocksize,
+      "command": "python experiments/demo.py --save", "blocksize": args.blocksize,
       "sentences": len(SENTENCES),
       "rows": [dict(zip(keys, (r[0], *(None if v is None else float(v) for v in r[1:]))))
                for r in rows]}, indent=1))

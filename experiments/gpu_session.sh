@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU (H100/H200) should run, split into device calls that each
-# end well inside the device tool's 10-minute limit. Logs go to $OUT (the device tool brings
-# that folder back); record the tables with device and date in docs/PERFORMANCE.md.
+# The GPU checks and benchmarks (H100/H200), in stages of under ten minutes each, so that a
+# machine borrowed for a short time can run them one at a time. Logs go to $OUT; record the
+# tables with device and date in docs/PERFORMANCE.md.
 #
-# Before the first call, on the CPU machine, fetch bitsandbytes' wheel (torch is on the GPU image):
+# For the side-by-side bitsandbytes rows on an offline GPU machine (torch already installed),
+# fetch bitsandbytes' wheel on a machine with network and copy .whl/ next to the repository:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
-# then, with the device tool (carry: [".whl"]), one stage per call:
+# then, one stage per command:
 #   bash experiments/gpu_session.sh check    # kernels vs XLA vs bitsandbytes, on the GPU (~5 min)
 #   bash experiments/gpu_session.sh bench4   # bench_4bit.py + bench_decode.py
 #   bash experiments/gpu_session.sh bench8   # bench_int8.py + bench_optim.py

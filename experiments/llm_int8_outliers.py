@@ -205,7 +205,7 @@ def _stats(flat, tokens, config):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true")
   add_output_args(parser, "llm_int8_outliers")
   args = parser.parse_args()

@@ -1,4 +1,7 @@
-"""Copy the subset of ../shared/vectors/bnb-0.50.2 that tests/ needs into tests/data.
+"""Copy the subset of a bitsandbytes 0.50.2 vector folder that tests/ needs into tests/data.
+
+The folder holds `functional.npz` and `codebooks.npz`, written by running the real bitsandbytes
+0.50.2 on a GPU over the inputs and settings listed in tests/test_bnb_vectors.py.
 
 Inputs, codes and absmax are kept as arrays (bf16/fp16 inputs in their own dtype, losslessly);
 bnb's dequantized outputs are kept as SHA-256 of their float32 bytes (full arrays only for the
@@ -7,11 +10,11 @@ shape with an all-zero block), which keeps tests/data small while still checking
   python experiments/make_test_vectors.py PATH/TO/bnb-0.50.2
 """
 
+import argparse
 import hashlib
 import json
 import pathlib
 import shutil
-import sys
 
 import numpy as np
 
@@ -40,4 +43,12 @@ def main(src: pathlib.Path, dst: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-  main(pathlib.Path(sys.argv[1]), pathlib.Path(__file__).resolve().parents[1] / "tests" / "data")
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("src", type=pathlib.Path,
+                      help="folder with bitsandbytes' functional.npz and codebooks.npz")
+  parser.add_argument("--dst", type=pathlib.Path,
+                      default=pathlib.Path(__file__).resolve().parents[1] / "tests" / "data")
+  args = parser.parse_args()
+  if not (args.src / "functional.npz").is_file():
+    parser.error(f"{args.src} has no functional.npz")
+  main(args.src, args.dst)

@@ -107,7 +107,7 @@ def run(name, tx, graphdef, states, x_tr, y_tr, x_te, y_te, args):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny run (seconds) for CI")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--epochs", type=int, default=15)

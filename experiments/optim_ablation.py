@@ -202,7 +202,7 @@ def train(name, tx, graphdef, states, train_data, eval_tokens, args):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny run (seconds) for CI")
   parser.add_argument("--seeds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=250)

@@ -71,7 +71,7 @@ def errors(fn, mats) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="small samples, tiny LM (smoke test)")
   parser.add_argument("--out", type=pathlib.Path,
                       default=ROOT / "docs" / "results" / "qlora_datatypes.json")

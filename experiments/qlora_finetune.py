@@ -1,6 +1,7 @@
 """QLoRA end to end on CPU (QLoRA Tables 3/4 at toy scale): pretrain a byte-level GPT on the Old
-Testament, then adapt it to the New Testament five ways, same data, steps and held-out loss:
+Testament, then adapt it to the New Testament five ways, same data, steps and held-out loss.
 
+The five ways:
   * full finetuning: every parameter trained (float32 master weights, bf16 forward/backward,
     32-bit AdamW);
   * LoRA on a bf16 base (16-bit LoRA), QLoRA on an NF4 + double-quant base and on an FP4 base
@@ -228,7 +229,7 @@ def int4_base(state, layout):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--pretrain-steps", type=int, default=600)
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--rank", type=int, default=8)

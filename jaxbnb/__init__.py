@@ -2,7 +2,22 @@
 
 k-bit quantization (8-bit dynamic blockwise, NF4/FP4 with double quantization, LLM.int8()),
 bit-compatible with bitsandbytes 0.50.2; quantized matmuls with autodiff; ``quantize(params)``
-for any Flax model and ``intercept`` to run unmodified models on the packed weights.
+for any Flax model and ``intercept`` to run unmodified models on the packed weights; Optax
+8-bit optimizers (``jaxbnb.optim``), QLoRA (``jaxbnb.lora``), Orbax checkpoints and Hugging Face
+bitsandbytes interop.
+
+Example::
+
+  import jax, jax.numpy as jnp, jaxbnb
+
+  params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (256, 128))}}
+  cfg = jaxbnb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=jnp.bfloat16)
+  q = jaxbnb.quantize(params, cfg)                  # NF4, bnb's packed layout
+  y = jaxbnb.matmul(jnp.ones((4, 256)), q["dense"]["kernel"])   # (4, 128), from the packed form
+  print(jaxbnb.memory_footprint(q), "bytes")
+
+Guide and API reference: README.md and docs/ in the source repository.
 """
 
 from jaxbnb import checkpoint, functional, interop, lora, nn, optim

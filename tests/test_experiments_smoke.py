@@ -355,3 +355,14 @@ def test_quantize_roundtrip_per_tensor(ablation):
         jnp.max(jnp.abs(x))))
   zeros = ablation._quantize(jnp.zeros((5, 5)), code, None)
   assert not np.asarray(ablation._dequantize(zeros, code, None)).any()
+
+
+def test_every_script_has_a_whole_help_text():
+  """``--help`` of every script exits 0 and its description is whole sentences."""
+  scripts = sorted(p.name for p in EXPERIMENTS.glob("*.py")
+                   if "ArgumentParser(" in p.read_text() and not p.name.startswith("_"))
+  assert len(scripts) >= 10
+  for script in scripts:
+    usage, description, *_ = _run(script, "--help").split("\n\n")
+    assert usage.startswith("usage:"), script
+    assert description.rstrip()[-1] in ".)?", (script, description)
