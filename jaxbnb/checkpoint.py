@@ -12,7 +12,9 @@ Orbax writes everything into ``<path>.orbax-checkpoint-tmp*`` and renames it to 
 when every item is complete, so a save killed midway never leaves a finished-looking
 checkpoint (with ``CheckpointManager``, the step directory is renamed the same way).
 
-Skeleton (JSON, ``{"format": "jaxbnb.checkpoint", "version": 1, "tree": node}``), a node is one of
+Skeleton (JSON, ``{"format": "jaxbnb.checkpoint", "version": 2, "tree": node, "tree_sha256"}``;
+``tree_sha256`` is the SHA-256 of the canonical JSON of ``node``, so a damaged skeleton - a
+blocksize or a scalar leaf that changed but still parses - is refused on restore), a node is one of
 ``{"t": "none"}``, ``{"t": "array", "key", "shape", "dtype", "digest"}``, ``{"t": "value",
 "value"}`` (a Python scalar leaf), ``{"t": "dict" | "list" | "tuple", "items"}``, ``{"t":
 "object", "class", "static", "fields"}`` (a registered dataclass: :class:`QuantState`,
@@ -20,13 +22,20 @@ Skeleton (JSON, ``{"format": "jaxbnb.checkpoint", "version": 1, "tree": node}``)
 and ``{"t": "node", "type", "items"}`` (any other pytree node: NNX ``State``/``Variable``,
 named tuples, ...). ``digest`` is a position-weighted 128-bit sum of each array's elements,
 checked on restore, so damaged files give an error, never different weights.
+
+``save(path, tree, force=True)`` over an existing checkpoint writes the new one beside it
+(``<path>.jaxbnb-new``), then swaps the two by renames: a save killed at any point leaves the old
+checkpoint or the complete new one, and :func:`restore` finds whichever it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import shutil
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import jax
@@ -51,9 +60,11 @@ def _ocp():
   return orbax.checkpoint
 
 FORMAT = "jaxbnb.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the skeleton carries its own digest (tree_sha256)
 ARRAYS, META = "arrays", "jaxbnb"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# save(force=True) writes <path>.jaxbnb-new, moves the old one to <path>.jaxbnb-old, then swaps.
+_NEW_SUFFIX, _OLD_SUFFIX = ".jaxbnb-new", ".jaxbnb-old"
 
 
 class CheckpointError(ValueError):
@@ -290,10 +301,17 @@ class _Encoder:
     return {"t": "node", "type": f"{t.__module__}.{t.__qualname__}", "items": out}
 
 
+def _tree_sha256(node: dict) -> str:
+  """SHA-256 of the canonical JSON of a skeleton node (exact: JSON floats round-trip)."""
+  text = json.dumps(node, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _metadata(tree, with_digest=True) -> tuple[dict[str, Any], dict]:
   enc = _Encoder(with_digest)
   node = enc.encode(tree, [])
-  return enc.flat, {"format": FORMAT, "version": FORMAT_VERSION, "tree": node}
+  return enc.flat, {"format": FORMAT, "version": FORMAT_VERSION, "tree": node,
+                    "tree_sha256": _tree_sha256(node)}
 
 
 def save_args(tree: Any) -> ocp.args.Composite:
@@ -315,18 +333,53 @@ def _abs(path) -> epath.Path:
   return epath.Path(os.path.abspath(os.fspath(path)))
 
 
+def _sibling(path: epath.Path, suffix: str) -> epath.Path:
+  return path.parent / (path.name + suffix)
+
+
+def _remove(path: epath.Path) -> None:
+  if os.path.lexists(path):
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def _settle(path: epath.Path) -> None:
+  """Finish or undo a ``force=True`` swap that was interrupted, leaving one checkpoint at
+  ``path`` (or none, if there was none before) and no siblings."""
+  new, old = _sibling(path, _NEW_SUFFIX), _sibling(path, _OLD_SUFFIX)
+  if not path.exists():
+    if new.exists():  # killed between the two renames: the new one is complete
+      os.rename(new, path)
+    elif old.exists():  # cannot happen with the order below, but never lose a checkpoint
+      os.rename(old, path)
+  _remove(new)
+  _remove(old)
+  for tmp in path.parent.glob(new.name + _TMP_SUFFIX + "*"):  # Orbax's, from a killed save
+    _remove(tmp)
+
+
 def save(path: Union[str, os.PathLike], tree: Any, *, force: bool = False) -> None:
   """Save ``tree`` (quantized leaves, QuantStates, arrays, registered dataclasses) to ``path``.
 
   The directory appears only once the save is complete (Orbax's temporary dir + rename).
-  ``force=True`` replaces an existing checkpoint (deleted first).
+  ``force=True`` replaces an existing checkpoint atomically: the new one is written beside it
+  and swapped in by renames, so a save killed at any moment leaves the old checkpoint or the
+  complete new one (never neither).
   """
   path = _abs(path)
+  _settle(path)
   if path.exists() and not force:
     raise FileExistsError(f"{path} exists; pass force=True to replace it")
   args = save_args(tree)
   ocp = _ocp()
-  ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(path, args=args, force=force)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  if not path.exists():
+    checkpointer.save(path, args=args)
+    return
+  new, old = _sibling(path, _NEW_SUFFIX), _sibling(path, _OLD_SUFFIX)
+  checkpointer.save(new, args=args)  # complete (Orbax renames its tmp dir) or absent
+  os.rename(path, old)
+  os.rename(new, path)
+  _remove(old)
 
 
 # --- restoring ---------------------------------------------------------------------------------
@@ -348,6 +401,8 @@ def _reader(path, step) -> tuple[Callable[[ocp.args.Composite], Any], str]:
   if step is not None:
     raise TypeError("step= is for a CheckpointManager; pass the checkpoint's directory instead")
   p = _abs(path)
+  if not p.exists() and _sibling(p, _NEW_SUFFIX).exists():
+    p = _sibling(p, _NEW_SUFFIX)  # a replacing save was killed mid-swap: the new one is whole
   if not p.exists():
     tmp = sorted(q.name for q in p.parent.glob(p.name + _TMP_SUFFIX + "*")) if \
         p.parent.exists() else []
@@ -379,6 +434,9 @@ def _read_meta(read, where) -> dict:
   if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
     raise CheckpointError(f"{where}: checkpoint format version {meta.get('version')!r}; this "
                           f"jaxbnb reads up to {FORMAT_VERSION} (upgrade jaxbnb)")
+  if meta["version"] >= 2 and meta.get("tree_sha256") != _tree_sha256(meta["tree"]):
+    raise CheckpointError(f"{where}: the {META} metadata is damaged (the skeleton's digest "
+                          "differs from the one recorded at save time)")
   return meta
 
 
@@ -585,9 +643,13 @@ def restore(path, target: Any = None, *, step: Optional[int] = None, sharding: A
   ocp = _ocp()
   read, where = _reader(path, step)
   meta = _read_meta(read, where)
-  abstract = _build(meta["tree"], "") if target is None else target
   slots: list = []
-  _match(meta["tree"], abstract, "", slots)
+  try:
+    abstract = _build(meta["tree"], "") if target is None else target
+    _match(meta["tree"], abstract, "", slots)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:  # a malformed skeleton
+    raise CheckpointError(f"{where}: the {META} metadata is malformed ({type(e).__name__}: "
+                          f"{e})") from e
   shardings = _shardings(sharding, abstract, slots)
   arrays = [(node, x) for kind, node, x in slots if kind == "array"]
   restored: dict[str, Any] = {}

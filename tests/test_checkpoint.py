@@ -1,6 +1,7 @@
 """jaxbnb.checkpoint: Orbax checkpoints of quantized trees, exact bits and metadata."""
 
 import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -381,8 +382,11 @@ def test_damaged_or_missing_metadata(saved):
   meta.write_text(text[: len(text) // 2])
   with pytest.raises(ckpt.CheckpointError, match="metadata"):
     ckpt.restore(path)
-  # An array the metadata lists but the Orbax item lacks.
-  meta.write_text(text.replace('"key": "w"', '"key": "missing"'))
+  # An array the metadata lists but the Orbax item lacks (a version-1 skeleton: no digest).
+  old = json.loads(text.replace('"key": "w"', '"key": "missing"'))
+  old["version"] = 1
+  del old["tree_sha256"]
+  meta.write_text(json.dumps(old))
   with pytest.raises(ckpt.CheckpointError, match="cannot read the arrays"):
     ckpt.restore(path)
   meta.unlink()
@@ -396,3 +400,55 @@ def test_not_a_checkpoint(tmp_path):
   (tmp_path / "plain").mkdir()
   with pytest.raises(ckpt.CheckpointError, match="not a jaxbnb checkpoint"):
     ckpt.restore(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("old, new", [
+    ('"blocksize": 64', '"blocksize": 65'),   # a static field of the 4-bit leaf
+    ('"value": 3', '"value": 1'),             # a Python scalar leaf (e.g. a step counter)
+    ('"quant_type": "nf4"', '"quant_type": "fp4"'),
+])
+def test_damaged_skeleton_that_still_parses_is_refused(tmp_path, old, new):
+  path = tmp_path / "ck"
+  ckpt.save(path, {"q": _leaf(), "step": 3})
+  meta = path / "jaxbnb" / "metadata"
+  text = meta.read_text()
+  assert old in text
+  meta.write_text(text.replace(old, new, 1))
+  with pytest.raises(ckpt.CheckpointError, match="metadata is damaged"):
+    ckpt.restore(path)
+
+
+_REPLACER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from jaxbnb import checkpoint as ckpt
+    rng = np.random.default_rng(0)
+    print("ready", flush=True)
+    for i in range(1, 1000):   # replace the checkpoint again and again until killed
+      ckpt.save(sys.argv[1], {"i": np.int32(i), "w": rng.standard_normal((1 << 19,), np.float32)},
+                force=True)
+      print(i, flush=True)
+""")
+
+
+def test_killed_replacing_save_never_loses_the_checkpoint(tmp_path):
+  """SIGKILL at several moments of ``save(force=True)``: the old or the complete new one."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+  path = tmp_path / "ck"
+  ckpt.save(path, {"i": np.int32(0), "w": np.zeros((1 << 19,), np.float32)})
+  for delay in (0.0, 0.013, 0.05, 0.11, 0.23, 0.41):
+    proc = subprocess.Popen([sys.executable, "-c", _REPLACER, str(path)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+      assert proc.stdout.readline().strip() == "ready"
+      time.sleep(delay)
+      proc.send_signal(signal.SIGKILL)
+    finally:
+      proc.kill()
+      proc.wait()
+    tree = ckpt.restore(path)  # finds the new one if the swap was cut between its renames
+    assert tree["w"].shape == (1 << 19,) and int(tree["i"]) >= 0
+    ckpt.save(path, tree, force=True)  # settles leftovers, then replaces
+    assert not list(tmp_path.glob("ck.jaxbnb-*"))
+    np.testing.assert_array_equal(ckpt.restore(path)["w"], tree["w"])
