@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
@@ -60,6 +62,12 @@ class BitsAndBytesConfig:
   quantize_embeddings: bool = False
 
   def __post_init__(self):
+    for f in ("load_in_8bit", "load_in_4bit", "llm_int8_enable_fp32_cpu_offload",
+              "llm_int8_has_fp16_weight", "bnb_4bit_use_double_quant", "quantize_embeddings"):
+      v = getattr(self, f)
+      if not isinstance(v, (bool, np.bool_)):  # "yes" or 0.5 would read as True silently
+        raise ValueError(f"BitsAndBytesConfig.{f} must be True or False; got {v!r}")
+      object.__setattr__(self, f, bool(v))
     if self.load_in_4bit and self.load_in_8bit:
       raise ValueError("BitsAndBytesConfig: load_in_4bit and load_in_8bit are both set; "
                        "choose one")
@@ -67,9 +75,11 @@ class BitsAndBytesConfig:
       raise ValueError("BitsAndBytesConfig: set load_in_4bit=True or load_in_8bit=True")
     _checks.check_quant_type(self.bnb_4bit_quant_type)
     _checks.check_blocksize(self.blocksize, _checks.BLOCKSIZES_4BIT, "BitsAndBytesConfig")
-    if not (isinstance(self.llm_int8_threshold, (int, float)) and self.llm_int8_threshold >= 0):
-      raise ValueError(f"llm_int8_threshold must be a number >= 0; got "
-                       f"{self.llm_int8_threshold!r}")
+    thr = self.llm_int8_threshold
+    if (isinstance(thr, (bool, np.bool_)) or not isinstance(thr, numbers.Real)
+        or not math.isfinite(float(thr)) or float(thr) < 0):
+      raise ValueError(f"llm_int8_threshold must be a finite number >= 0; got {thr!r}")
+    object.__setattr__(self, "llm_int8_threshold", float(thr))
     if self.llm_int8_has_fp16_weight:
       raise NotImplementedError("llm_int8_has_fp16_weight=True (int8 training with 16-bit "
                                 "master weights) is not supported yet; train adapters on a "
@@ -86,6 +96,17 @@ class BitsAndBytesConfig:
     if not jnp.issubdtype(self.bnb_4bit_compute_dtype, jnp.floating):
       raise ValueError(f"bnb_4bit_compute_dtype must be a float dtype; got "
                        f"{self.bnb_4bit_compute_dtype}")
+    storage = self.bnb_4bit_quant_storage
+    if jnp.issubdtype(storage, jnp.integer):
+      bits = jnp.iinfo(storage).bits
+    elif jnp.issubdtype(storage, jnp.floating):
+      bits = jnp.finfo(storage).bits
+    else:
+      bits = 0  # bool, complex, ...
+    if bits != 8 * storage.itemsize:  # the packed bytes are reinterpreted as whole words
+      raise ValueError(f"bnb_4bit_quant_storage must be a whole-byte integer or float dtype "
+                       f"(uint8, bnb's default; int8, bfloat16, float16, float32, ...); got "
+                       f"{storage}")
 
   @property
   def quant_method(self) -> str:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxbnb
 from jaxbnb import functional as F
 
 
@@ -147,3 +148,23 @@ def test_threshold_can_be_traced():
   x = jnp.asarray(np.random.default_rng(3).standard_normal((8, 16)) * 3, jnp.float16)
   f = jax.jit(lambda x, t: F.int8_vectorwise_quant(x, t)[2])
   assert int(f(x, 1.0).sum()) > int(f(x, 8.0).sum())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(load_in_4bit="yes"), "load_in_4bit must be True or False"),
+    (dict(load_in_4bit=True, bnb_4bit_use_double_quant=1), "use_double_quant must be True"),
+    (dict(load_in_8bit=True, llm_int8_threshold=float("nan")), "finite number"),
+    (dict(load_in_8bit=True, llm_int8_threshold=True), "finite number"),
+    (dict(load_in_4bit=True, bnb_4bit_quant_storage=jnp.int4), "whole-byte"),
+    (dict(load_in_4bit=True, bnb_4bit_quant_storage=bool), "whole-byte"),
+    (dict(load_in_4bit=True, bnb_4bit_quant_storage=jnp.complex64), "whole-byte"),
+])
+def test_config_refuses_values_that_would_be_misread(kw, match):
+  with pytest.raises(ValueError, match=match):
+    jaxbnb.BitsAndBytesConfig(**kw)
+
+
+def test_config_accepts_numpy_scalars():
+  cfg = jaxbnb.BitsAndBytesConfig(load_in_8bit=np.bool_(True), llm_int8_threshold=np.float32(6))
+  assert cfg.load_in_8bit is True and cfg.llm_int8_threshold == 6.0
+  assert type(cfg.llm_int8_threshold) is float
