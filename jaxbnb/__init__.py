@@ -17,10 +17,11 @@ Example::
   y = jaxbnb.matmul(jnp.ones((4, 256)), q["dense"]["kernel"])   # (4, 128), from the packed form
   print(jaxbnb.memory_footprint(q), "bytes")
 
-Guide and API reference: README.md and docs/ in the source repository.
+Guide and API reference: the documentation site in docs/ of the source repository
+(``make docs`` builds it).
 """
 
-from jaxbnb import checkpoint, functional, interop, lora, nn, optim
+from jaxbnb import checkpoint, functional, interop, lora, models, nn, optim
 from jaxbnb.config import BitsAndBytesConfig
 from jaxbnb.functional import QuantState
 from jaxbnb.intercept import intercept
@@ -33,6 +34,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitsAndBytesConfig", "checkpoint", "interop", "QuantState", "Quantized4bit", "Quantized8bit", "QuantizedArray",
-    "dequantize", "functional", "lora", "nn", "optim", "int8_matmul", "intercept", "is_quantized", "load_quantized", "matmul",
+    "dequantize", "functional", "lora", "models", "nn", "optim", "int8_matmul", "intercept", "is_quantized", "load_quantized", "matmul",
     "matmul_4bit", "memory_footprint", "offload", "qdot_general", "quantize",
 ]

@@ -1,5 +1,7 @@
 """QLoRA: low-rank adapters on a frozen (4-bit) base, for unmodified Flax models.
 
+Example::
+
   cfg = jaxbnb.lora.LoRAConfig(rank=8, alpha=16)
   adapters = jaxbnb.lora.init(qparams, cfg, key)           # {path: {"a": (in, r), "b": (r, out)}}
   def loss(adapters, batch):
