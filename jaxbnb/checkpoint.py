@@ -17,8 +17,8 @@ Skeleton (JSON, ``{"format": "jaxbnb.checkpoint", "version": 2, "tree": node, "t
 blocksize or a scalar leaf that changed but still parses - is refused on restore), a node is one of
 ``{"t": "none"}``, ``{"t": "array", "key", "shape", "dtype", "digest"}``, ``{"t": "value",
 "value"}`` (a Python scalar leaf), ``{"t": "dict" | "list" | "tuple", "items"}``, ``{"t":
-"object", "class", "static", "fields"}`` (a registered dataclass: :class:`QuantState`,
-:class:`Quantized4bit`, :class:`Quantized8bit`, or one passed to :func:`register_checkpointable`)
+"object", "class", "static", "fields"}`` (a registered dataclass: :class:`~jaxbnb.QuantState`,
+:class:`~jaxbnb.Quantized4bit`, :class:`~jaxbnb.Quantized8bit`, or one passed to :func:`register_checkpointable`)
 and ``{"t": "node", "type", "items"}`` (any other pytree node: NNX ``State``/``Variable``,
 named tuples, ...). ``digest`` is a position-weighted 128-bit sum of each array's elements,
 checked on restore, so damaged files give an error, never different weights.

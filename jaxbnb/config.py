@@ -37,6 +37,8 @@ class BitsAndBytesConfig:
     llm_int8_skip_modules: path patterns left unquantized: a plain name matches any path
       component (``"lm_head"``), a glob matches the dotted path (``"*.proj_out.*"``). ``None``
       means ``["lm_head"]``, as transformers keeps the output head in full precision.
+    llm_int8_enable_fp32_cpu_offload: kept for transformers compatibility (saved configs carry
+      it); here host offload of chosen modules is :func:`jaxbnb.offload`.
     llm_int8_has_fp16_weight: keep 16-bit master weights next to the int8 ones (training);
       not supported yet (a clear error, not a silent ignore).
     bnb_4bit_quant_type: ``"nf4"`` or ``"fp4"``.

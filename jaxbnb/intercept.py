@@ -2,7 +2,7 @@
 
 ``intercept(fn)`` traces ``fn`` with float stand-ins for the quantized leaves, then evaluates
 the traced program with the packed weights: a ``dot_general`` that consumes a quantized weight
-becomes :func:`jaxbnb.ops.qdot_general` (4-bit, or LLM.int8() for the usual ``x @ kernel``),
+becomes :func:`jaxbnb.qdot_general` (4-bit, or LLM.int8() for the usual ``x @ kernel``),
 an embedding lookup (``gather`` of rows) dequantizes only the rows it reads, and layout-only ops
 on the way (dtype casts, transposes, ``jit`` boundaries, ``jax.checkpoint``) are followed
 without touching the data. Any other use of a quantized weight dequantizes it for that op and
@@ -68,11 +68,11 @@ def intercept(fn: Callable, *, backend: str = "auto") -> Callable:
 
   Returns a function with ``fn``'s signature and outputs. Array leaves of the arguments are
   traced; other leaves (Python scalars, strings, ...) are passed through as constants. Leaves in
-  host memory (:func:`jaxbnb.interop.offload`) move to the device where they are first used.
+  host memory (:func:`jaxbnb.offload`) move to the device where they are first used.
   Jit the result for speed (tracing happens on every un-jitted call).
 
   ``backend`` (``"auto"|"xla"|"pallas"``) is passed to every quantized matmul
-  (:func:`jaxbnb.ops.qdot_general`): it picks the kernels, never the answer.
+  (:func:`jaxbnb.qdot_general`): it picks the kernels, never the answer.
   """
   _backend.check(backend)
 

@@ -234,7 +234,7 @@ class LoRALinear(nnx.Module):
 
   The adapters are ``nnx.Param`` named ``lora_a`` / ``lora_b``; train only them with
   ``nnx.Optimizer(model, tx, wrt=nnx.All(nnx.Param, nnx.PathContains("lora_a") ...))`` or
-  :func:`adapter_filter`. A packed base weight is a ``jaxbnb.nn.QuantizedParam`` and is never
+  ``adapter_filter``. A packed base weight is a ``jaxbnb.nn.QuantizedParam`` and is never
   trained.
   """
 

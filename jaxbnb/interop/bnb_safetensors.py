@@ -385,8 +385,8 @@ def load_bnb_state_dict(path: PathLike, *, compute_dtype=None, int8_dtype=None,
 
   Returns:
     ``{name: leaf}`` with names as in the torch module (``"0.weight"``, ``"0.bias"``; the
-    quant-state companions are folded in). 4-bit weights are :class:`Quantized4bit` and 8-bit
-    weights :class:`Quantized8bit` in bnb's ``(out, in)`` layout (``transposed=False``) holding
+    quant-state companions are folded in). 4-bit weights are :class:`~jaxbnb.Quantized4bit` and 8-bit
+    weights :class:`~jaxbnb.Quantized8bit` in bnb's ``(out, in)`` layout (``transposed=False``) holding
     the file's bits; other tensors are ``jnp`` arrays.
 
   Raises:
