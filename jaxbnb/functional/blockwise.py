@@ -8,19 +8,27 @@ Non-finite policy: a block holding NaN or +-Inf gets a NaN absmax, so that block
 block, dequantizes to NaN. With nested statistics the NaN absmax poisons its second-level block
 (``blocksize`` first-level blocks for 8-bit, 256 for 4-bit); the nesting offset is the mean of
 the finite absmax values only, so every other block stays exact.
+
+Nearest code: bitsandbytes' rule is a binary search (:func:`_search`), 7 dependent table
+lookups that XLA cannot fuse (one full-size buffer per step). On the dynamic maps
+:func:`nearest_dynamic` gives the same index from the float's bits and one bucket lookup;
+other tables keep the search. Arrays are processed by :func:`map_blocks`, a loop over
+cache-sized chunks of whole blocks, so the absmax pass and the code pass read memory once
+and the temporaries do not grow with the array.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxbnb.functional import _checks
-from jaxbnb.functional.codebooks import create_dynamic_map
+from jaxbnb.functional.codebooks import _dynamic_map_np, create_dynamic_map
 from jaxbnb.functional.state import QuantState
 
 
@@ -50,38 +58,221 @@ def normalize(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
   return blocks * (jnp.float32(1) / safe)
 
 
-def nearest_code(v: jax.Array, code: jax.Array) -> jax.Array:
-  """uint8 index of the entry of the ascending 256-entry ``code`` nearest to each ``v``.
+def _search(v, code, xp=jnp):
+  """Index of a nearest entry of the ascending 256-entry ``code`` to each float32 ``v``.
 
-  Runs bitsandbytes' 7-step binary search (``dQuantize``), whose midpoint test misses the
-  nearest code on ~0.2% of inputs, then corrects it among the pivot's neighbours. So the result
-  is always a nearest code, and at exact ties it is the one bitsandbytes picks.
+  bitsandbytes' 7-step binary search (``dQuantize``), whose midpoint test misses the nearest
+  code on ~0.2% of inputs, then corrected among the pivot's neighbours: always a nearest code,
+  and at exact ties the one bitsandbytes picks. ``xp`` is ``jnp`` (traced: a chain of dependent
+  gathers) or ``np`` (on the host, to derive :func:`nearest_dynamic`'s tables); int32 result.
   """
   top = code.shape[0] - 1
-  pivot = jnp.full(v.shape, top // 2, jnp.int32)
-  lower_pivot = jnp.zeros(v.shape, jnp.int32)
-  upper_pivot = jnp.full(v.shape, top, jnp.int32)
+  pivot = xp.full(v.shape, top // 2, xp.int32)
+  lower_pivot = xp.zeros(v.shape, xp.int32)
+  upper_pivot = xp.full(v.shape, top, xp.int32)
   # Scalars broadcast (not code[pivot]): a gather at constant indices from a constant table
   # would be constant-folded into an array the size of the input.
-  val = jnp.broadcast_to(code[top // 2], v.shape)
-  lower, upper = jnp.broadcast_to(code[0], v.shape), jnp.broadcast_to(code[top], v.shape)
+  val = xp.broadcast_to(code[top // 2], v.shape)
+  lower, upper = xp.broadcast_to(code[0], v.shape), xp.broadcast_to(code[top], v.shape)
   step = (top + 1) // 4
   while step > 0:
     right = v > val
-    lower_pivot, lower = jnp.where(right, pivot, lower_pivot), jnp.where(right, val, lower)
-    upper_pivot, upper = jnp.where(right, upper_pivot, pivot), jnp.where(right, upper, val)
-    pivot = jnp.where(right, pivot + step, pivot - step)
+    lower_pivot, lower = xp.where(right, pivot, lower_pivot), xp.where(right, val, lower)
+    upper_pivot, upper = xp.where(right, upper_pivot, pivot), xp.where(right, upper, val)
+    pivot = xp.where(right, pivot + step, pivot - step)
     val = code[pivot]
     step //= 2
   right = v > val
-  bnb = jnp.where(right, jnp.where(v > (upper + val) * 0.5, upper_pivot, pivot),
-                  jnp.where(v < (lower + val) * 0.5, lower_pivot, pivot))
-  best, best_err = bnb, jnp.abs(v - code[bnb])
+  bnb = xp.where(right, xp.where(v > (upper + val) * 0.5, upper_pivot, pivot),
+                 xp.where(v < (lower + val) * 0.5, lower_pivot, pivot))
+  best, best_err = bnb, xp.abs(v - code[bnb])
   for cand in (pivot - 1, pivot, pivot + 1):
-    cand = jnp.clip(cand, 0, top)
-    err = jnp.abs(v - code[cand])
-    best, best_err = jnp.where(err < best_err, cand, best), jnp.minimum(err, best_err)
-  return best.astype(jnp.uint8)
+    cand = xp.clip(cand, 0, top)
+    err = xp.abs(v - code[cand])
+    best, best_err = xp.where(err < best_err, cand, best), xp.minimum(err, best_err)
+  return best
+
+
+class _IndexTable(NamedTuple):
+  """:func:`nearest_dynamic`'s tables for one code (host NumPy; see :func:`_index_table`)."""
+
+  floor: int        # float32 magnitude bits where bucket 0 ends (smaller ones share it)
+  ceil: int         # magnitude bits from which on everything shares the last bucket
+  shift: int        # log2 of the float32 magnitudes per bucket
+  center: int       # index of the bucket of +-0; negative values count down from it
+  base: np.ndarray  # uint8 (nbuckets,): the search's result at the bucket's lowest value
+  thr: np.ndarray   # float32 (nbuckets,): where inside the bucket it grows by one (NaN: never)
+
+
+def _f32_key(bits: np.ndarray) -> np.ndarray:
+  """int64 total order of float32 bit patterns (as int32): -0.0 and +0.0 share key 0."""
+  return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)).astype(np.int64)
+
+
+def _from_key(key: np.ndarray) -> np.ndarray:
+  mag = np.abs(key).astype(np.uint32) | np.where(key < 0, np.uint32(1 << 31), np.uint32(0))
+  return mag.view(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _index_table(signed: bool) -> _IndexTable:
+  """Tables that give :func:`_search`'s result on the dynamic map without searching.
+
+  The search's result is a non-decreasing step function of ``v`` (checked when written on every
+  float32 of magnitude <= 2, and by tests near every step): ``#{k : v >= t_k}`` for 255 thresholds
+  ``t_k`` found here by bisection over float32 with the search itself. The float32 magnitude
+  bits, cut into buckets of ``2**shift`` consecutive floats, hold at most one threshold each.
+  """
+  code = _dynamic_map_np(signed, 7, 8)
+  lo = np.full(255, _f32_key(np.float32(-2).view(np.int32)))
+  hi = np.full(255, _f32_key(np.float32(2).view(np.int32)))
+  k = np.arange(1, 256)
+  while np.any(hi - lo > 1):  # invariant: search(lo) < k <= search(hi)
+    mid = (lo + hi) // 2
+    up = _search(_from_key(mid), code, np) >= k
+    lo, hi = np.where(up, lo, mid), np.where(up, mid, hi)
+  thr = _from_key(hi)
+  if np.any(np.diff(thr) <= 0):
+    raise AssertionError("dynamic map: every code must win somewhere")
+  mag = thr.view(np.int32) & 0x7FFFFFFF
+  floor = int(np.float32(2.0 ** np.floor(np.log2(np.abs(thr).min()))).view(np.int32))
+  ceil = int(np.float32(2).view(np.int32))
+  for shift in range(23, -1, -1):  # the coarsest buckets that separate all thresholds
+    half = (ceil - floor) >> shift
+    center = half if thr[0] < 0 else 0
+    b = (mag - floor) >> shift
+    bucket = np.where(thr < 0, center - b, center + b)
+    if np.all(np.diff(bucket) > 0):
+      break
+  nbuckets = center + half + 1
+  base = np.searchsorted(bucket, np.arange(nbuckets), side="left").astype(np.uint8)
+  table = np.full(nbuckets, np.nan, np.float32)
+  table[bucket] = thr
+  return _IndexTable(floor, ceil, shift, center, base, table)
+
+
+def nearest_dynamic(v: jax.Array, signed: bool = True) -> jax.Array:
+  """uint8 index of the nearest code of the dynamic map to float32 ``v``, any shape.
+
+  Equals :func:`_search` (bitsandbytes' rule) on every float32, NaN included (code 0), but with
+  no dependent gathers: the float's bits pick a bucket, whose base index and single threshold
+  (two independent lookups in a table of a few KiB) give the code. XLA fuses it into one
+  elementwise loop.
+  """
+  t = _index_table(bool(signed))
+  v = v.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+  mag = bits & 0x7FFFFFFF
+  neg = (bits < 0) | (mag > 0x7F800000)  # NaN joins the bottom bucket: code 0, as the search
+  b = (jnp.clip(mag, t.floor, t.ceil) - t.floor) >> t.shift
+  bucket = jnp.where(neg, jnp.maximum(t.center - b, 0), t.center + b)
+  base = jnp.asarray(t.base).at[bucket].get(mode="promise_in_bounds")
+  thr = jnp.asarray(t.thr).at[bucket].get(mode="promise_in_bounds")
+  return base + (v >= thr).astype(jnp.uint8)
+
+
+def dynamic_sign(code) -> bool | None:
+  """True/False when ``code`` is concretely the signed/unsigned dynamic map, else None."""
+  if code is None:
+    return True
+  if isinstance(code, jax.core.Tracer):
+    return None
+  c = np.asarray(code)
+  for signed in (True, False):
+    if c.shape == (256,) and np.array_equal(c, _dynamic_map_np(signed, 7, 8)):
+      return signed
+  return None
+
+
+def nearest_code(v: jax.Array, code: jax.Array) -> jax.Array:
+  """uint8 index of the entry of the ascending 256-entry ``code`` nearest to each ``v``.
+
+  bitsandbytes' rule (see :func:`_search`): always a nearest code, and at exact ties the one
+  bitsandbytes picks. A concrete dynamic map takes :func:`nearest_dynamic` (same result, no
+  gather chain); any other table, or a traced one, runs the search.
+  """
+  signed = dynamic_sign(code)
+  if signed is not None:
+    return nearest_dynamic(v, signed)
+  return _search(v, code).astype(jnp.uint8)
+
+
+CHUNK = 1 << 17  # elements per step of map_blocks: its buffers stay in L2/L3; ~0.1-1 ms of work
+
+
+def map_blocks(fn: Callable, elems: Sequence[jax.Array], blocks: Sequence[jax.Array],
+               out_elems: Sequence[jax.Array], out_blocks: Sequence[jax.Array],
+               block_size: int, chunk: int | None = None) -> tuple[list, list]:
+  """Apply a per-block function over flat arrays chunk by chunk, in a loop.
+
+  XLA:CPU fuses no elementwise producer into a reduction it does not hand to YNNPACK (a select,
+  compare or gather), so a whole-array ``max(|f(x)|)`` per block writes ``f(x)`` out in full.
+  Here every intermediate is one chunk (``chunk`` elements of whole blocks) that stays in
+  cache, whatever the array size: temporaries are bounded, and memory is read once.
+
+  Args:
+    fn: ``fn(valid, *elem_chunks, *block_chunks, *out_elem_chunks, *out_block_chunks) ->
+      (elem_results, block_results)``: the chunks of the inputs, then the outputs' current
+      contents there; chunks are ``(r, block_size)`` and ``(r,)``, results likewise. ``valid``
+      is None, or for the ragged last chunk a bool ``(r, block_size)`` mask (False on the zero
+      padding past the end).
+    elems: flat ``(n,)`` arrays. blocks: ``(ceil(n / block_size),)`` arrays.
+    out_elems, out_blocks: the results' buffers (flat), updated chunk by chunk in place. An
+      array updated in place (an optimizer state) is passed here only, not also as an input:
+      ``fn`` reads its old chunk, and with donated buffers nothing is copied.
+    chunk: elements per loop step (default :data:`CHUNK`), rounded down to whole blocks.
+
+  Returns:
+    ``(elem_results, block_results)``: the filled ``out_elems`` and ``out_blocks``.
+  """
+  n = (list(elems) + list(out_elems))[0].shape[0]
+  args = ((list(elems), list(blocks)), (list(out_elems), list(out_blocks)))
+  chunked = functools.partial(_map_chunks, fn, n, block_size, chunk or CHUNK)
+  if n <= (chunk or CHUNK):
+    return chunked(*args)
+  # The loop is for XLA:CPU. XLA:GPU/TPU fuse a reduction with its elementwise producers, and
+  # each loop step there would cost kernel launches: the whole array is one chunk.
+  return jax.lax.platform_dependent(
+      *args, cpu=chunked, default=functools.partial(_map_chunks, fn, n, block_size, n))
+
+
+def _map_chunks(fn, n, block_size, chunk, ins, outs):
+  rows = max(1, min(chunk // block_size, -(-n // block_size)))
+  step = rows * block_size
+  full = n // step
+
+  def run(start, brow, length, valid, ins, outs):
+    r = -(-length // block_size)
+    pad = r * block_size - length
+
+    def elem(x):
+      x = jax.lax.dynamic_slice_in_dim(x, start, length)
+      return (jnp.pad(x, (0, pad)) if pad else x).reshape(r, block_size)
+    block = lambda b: jax.lax.dynamic_slice_in_dim(b, brow, r)
+    res_e, res_b = fn(valid, *map(elem, ins[0]), *map(block, ins[1]), *map(elem, outs[0]),
+                      *map(block, outs[1]))
+    new_e = [jax.lax.dynamic_update_slice_in_dim(o, x.reshape(-1)[:length], start, 0)
+             for o, x in zip(outs[0], res_e)]
+    new_b = [jax.lax.dynamic_update_slice_in_dim(o, x, brow, 0)
+             for o, x in zip(outs[1], res_b)]
+    return new_e, new_b
+
+  tail = n - full * step
+  if tail:  # first: then the loop updates the buffers that the tail's update created, in place
+    r = -(-tail // block_size)
+    valid = None
+    if tail % block_size:
+      valid = jnp.arange(r * block_size, dtype=jnp.int32).reshape(r, block_size) < tail
+    outs = run(full * step, full * rows, tail, valid, ins, outs)
+  if full == 1:
+    outs = run(0, 0, step, None, ins, outs)
+  elif full:
+    # The inputs ride in the carry (XLA passes loop constants that way anyway): captured, they
+    # would be typed on the context mesh while the carry is not (jax.eval_shape under an
+    # Explicit mesh, see jaxbnb._explicit).
+    _, outs = jax.lax.fori_loop(
+        0, full, lambda i, c: (c[0], run(i * step, i * rows, step, None, *c)), (ins, outs))
+  return outs
 
 
 def _nested_offset(absmax: jax.Array) -> jax.Array:
@@ -94,7 +285,7 @@ def _nested_offset(absmax: jax.Array) -> jax.Array:
 def nest_absmax(absmax: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array, QuantState]:
   """Double quantization: ``(uint8 codes of absmax - offset, offset, their QuantState)``."""
   offset = _nested_offset(absmax)
-  qabsmax, state2 = _quantize(absmax - offset, create_dynamic_map(), blocksize, False)
+  qabsmax, state2 = _quantize(absmax - offset, create_dynamic_map(), blocksize, False, True)
   return qabsmax, offset, state2
 
 
@@ -106,11 +297,35 @@ def unnest_absmax(state: QuantState) -> jax.Array:
   return jax.lax.optimization_barrier(_dequantize(state.absmax, state.state2)) + state.offset
 
 
-def _quantize(x, code, blocksize, nested):
-  blocks = to_blocks(x, blocksize)
+def quantize_blocks(blocks: jax.Array,
+                    nearest: Callable[[jax.Array], jax.Array] = nearest_dynamic,
+                    valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(uint8 codes, float32 absmax (rows,))`` of ``(rows, blocksize)`` blocks.
+
+  ``nearest``: float32 -> uint8 code index (default the signed dynamic map); ``valid``: None or a
+  bool mask of ``blocks``' shape, False on padding (set to 0 first).
+  """
+  blocks = blocks.astype(jnp.float32)
+  if valid is not None:
+    blocks = jnp.where(valid, blocks, 0)
   absmax = block_absmax(blocks)
-  q = nearest_code(normalize(blocks, absmax), code)
-  q = q.reshape(-1)[: x.size].reshape(x.shape)
+  return nearest(normalize(blocks, absmax)), absmax
+
+
+def _quantize(x, code, blocksize, nested, signed):
+  """``signed``: True/False when ``code`` is the signed/unsigned dynamic map (the fast rule),
+  None for any other table (the search)."""
+  if signed is None:
+    nearest = lambda v: _search(v, code).astype(jnp.uint8)
+  else:
+    nearest = functools.partial(nearest_dynamic, signed=signed)
+  n = x.size
+  nblocks = -(-n // blocksize)
+  (q,), (absmax,) = map_blocks(
+      lambda valid, xb, *_: tuple((r,) for r in quantize_blocks(xb, nearest, valid)),
+      [x.reshape(-1)], [], [jnp.zeros((n,), jnp.uint8)], [jnp.zeros((nblocks,), jnp.float32)],
+      blocksize)
+  q = q.reshape(x.shape)
   dtype = np.dtype(x.dtype)
   if nested:
     qabsmax, offset, state2 = nest_absmax(absmax, blocksize)
@@ -120,15 +335,26 @@ def _quantize(x, code, blocksize, nested):
                        shape=x.shape, dtype=dtype)
 
 
+def dequantize_blocks(q: jax.Array, absmax: jax.Array, code: jax.Array,
+                      block_size: int) -> jax.Array:
+  """float32 ``code[q] * absmax[block]`` of flat uint8 ``q``: one gather, fused elementwise."""
+  # A uint8 index is always inside a 256-entry table: no bounds handling in the gather.
+  mode = "promise_in_bounds" if code.shape[0] >= 256 else None
+  values = code.astype(jnp.float32).at[q.reshape(-1)].get(mode=mode)
+  n = values.size
+  pad = absmax.size * block_size - n
+  blocks = (jnp.pad(values, (0, pad)) if pad else values).reshape(absmax.size, block_size)
+  out = (blocks * absmax[:, None]).reshape(-1)
+  return out[:n] if pad else out
+
+
 def _dequantize(q, state):
   absmax = unnest_absmax(state)
-  values = state.code.astype(jnp.float32)[q.reshape(-1).astype(jnp.int32)]
-  blocks = jnp.pad(values, (0, absmax.size * state.blocksize - values.size))
-  out = (blocks.reshape(absmax.size, state.blocksize) * absmax[:, None]).reshape(-1)
-  return out[: q.size].reshape(q.shape).astype(state.dtype)
+  out = dequantize_blocks(q, absmax, state.code, state.blocksize)
+  return out.reshape(q.shape).astype(state.dtype)
 
 
-_quantize_jit = jax.jit(_quantize, static_argnames=("blocksize", "nested"))
+_quantize_jit = jax.jit(_quantize, static_argnames=("blocksize", "nested", "signed"))
 _dequantize_jit = jax.jit(_dequantize)
 
 
@@ -147,12 +373,12 @@ def quantize_blockwise(x: jax.Array, code: jax.Array | None = None, blocksize: i
   """
   _checks.check_float_input(x, "quantize_blockwise")
   blocksize = _checks.check_blocksize(blocksize, _checks.BLOCKSIZES_8BIT, "quantize_blockwise")
-  if code is None:
-    code = create_dynamic_map(signed=True)
   x = jnp.asarray(x)
   if x.size == 0:
     raise ValueError("quantize_blockwise: x is empty")
-  return _quantize_jit(x, jnp.asarray(code, jnp.float32), blocksize, bool(nested))
+  signed = dynamic_sign(code)
+  code = create_dynamic_map() if code is None else jnp.asarray(code, jnp.float32)
+  return _quantize_jit(x, code, blocksize, bool(nested), signed)
 
 
 def dequantize_blockwise(q: jax.Array, state: QuantState | None = None, *,

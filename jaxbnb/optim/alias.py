@@ -111,13 +111,20 @@ def lars8bit(learning_rate: T.ScalarOrSchedule, weight_decay: float = 0.0,
              block_size: int = 256, min_8bit_size: int = 4096,
              fp32_mask: MaskOrFn = None, backend: str = "auto") -> optax.GradientTransformation:
   """LARS (``optax.lars``) with an 8-bit momentum buffer (bnb ``LARS8bit``)."""
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+  decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+  lr = optax.scale_by_learning_rate(learning_rate)
+  chain = optax.chain(
+      decay,
       optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
                    trust_ratio_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      lr,
       T.trace_8bit(momentum, nesterov, backend=backend,
                    **_kw(block_size, min_8bit_size, fp32_mask)))
+  if backend == "pallas":
+    return chain  # the fused kernel reads a materialized momentum input anyway
+  # Same state and results, without a float32 copy of every leaf (see T.lars_8bit).
+  return T.lars_8bit(chain, decay, lr, weight_decay, weight_decay_mask, trust_coefficient, eps,
+                     trust_ratio_mask, momentum, nesterov)
 
 
 def ademamix8bit(learning_rate: T.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,

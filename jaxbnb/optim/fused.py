@@ -9,6 +9,13 @@ no update array in between: gradient 4 B + parameter 8 B + moments 4 B = 16 B pe
 (plus 2 x 4/256 B of absmax). Same optimizer, same state (``adamw8bit(...).init`` layout), so a
 run may switch between the two.
 
+On the XLA path both read the gradient and the codes twice instead (the chunked moment update,
+then the direction recomputed in the parameter's elementwise pass: see jaxbnb.optim.state), and
+neither writes a direction array. What the fused step adds there is order: the parameter pass
+reads the old codes before the update loop overwrites them, so with donated state and
+parameters (``donate_argnums``) the step runs in place; an optax step returns a direction that is
+consumed after the loop, and XLA keeps a copy of the old codes for it (up to 2 B/param).
+
 ``step`` computes ``p + (-lr) * (u + wd * p)`` in float32 (``u``: the Adam direction) and
 rounds once to the parameter's dtype. Against ``optax.apply_updates`` of ``adamw8bit``'s updates
 it can differ in the last bit (optax leaves ``u + wd * p`` to the compiler, which may fuse it
@@ -27,7 +34,8 @@ import optax
 from jaxbnb import _backend
 from jaxbnb.optim import transforms as T
 from jaxbnb.optim.alias import adamw8bit
-from jaxbnb.optim.state import MaskOrFn, QuantizedMoment, _code, runtime_zero
+from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, _code, read_moment, runtime_zero,
+                                update_moments)
 from pallas_kernels import optim_8bit as _kernel
 
 
@@ -97,8 +105,14 @@ def adamw8bit_fused(learning_rate: T.ScalarOrSchedule, b1: float = 0.9, b2: floa
         m2 = QuantizedMoment(mq, ma, m.signed, m.block_size)
         v2 = QuantizedMoment(vq, va, v.signed, v.block_size)
       else:
-        u, m2, v2 = T.adam_leaf(g, m, v, scalars, z)
+        moments = T.adam_moments(scalars, z)
+        u = T.adam_direction(g, *moments(g, read_moment(m), read_moment(v)), scalars)
         p2 = param_update(p, u, wd, nlr, z)
+        if is_moment(m):
+          # The update loop rewrites the state in place once p2 has read it: with donated
+          # state, XLA needs no copy of the old codes.
+          (m, v), _ = jax.lax.optimization_barrier(((m, v), p2))
+        m2, v2 = update_moments(moments, (g,), (m, v))
       new_p.append(p2)
       new_m.append(m2)
       new_v.append(v2)

@@ -7,6 +7,14 @@ absmax per block of ``block_size`` elements (flattened row-major). Small leaves 
 Moments are read in float32, updated in float32 and written back re-quantized to the nearest
 code, as bitsandbytes' blockwise kernels do.
 
+Memory: :func:`update_moments` runs a leaf's update chunk by chunk in a loop (each chunk's new
+moments, their block absmax and codes stay in cache; see ``jaxbnb.functional.blockwise.
+map_blocks``), so a step's temporaries are a few MiB whatever the leaf sizes. The update
+direction is then recomputed from the old state, elementwise, where XLA fuses it into whatever
+consumes it (``optax.apply_updates``): no full-size float32 array is written on the way. (With
+donated state the old codes must outlive the loop that rewrites them in place for that
+recomputation, so XLA copies them; ``adamw8bit_fused`` orders the two and copies nothing.)
+
 Rounding is pinned down so that every backend computes the same bits (the fused Pallas kernel,
 pallas_kernels/optim_8bit.py, equals this path bit for bit): a product that feeds an add is
 written ``a * b + z`` with ``z = runtime_zero()``, a 0.0 the compiler cannot constant-fold.
@@ -17,14 +25,15 @@ without it XLA:CPU picks which of two products to fuse by operand order and use 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxbnb.functional import _checks
-from jaxbnb.functional.blockwise import nearest_code, normalize, to_blocks
+from jaxbnb.functional.blockwise import (dequantize_blocks, map_blocks, nearest_dynamic,
+                                        normalize)
 from jaxbnb.functional.codebooks import create_dynamic_map
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -85,25 +94,63 @@ def read_moment(m: Moment) -> jax.Array:
   """float32 values of a moment (dequantized when 8-bit)."""
   if not isinstance(m, QuantizedMoment):
     return m
-  values = _code(m.signed)[m.q.reshape(-1).astype(jnp.int32)]
-  pad = m.absmax.size * m.block_size - values.size
-  blocks = jnp.pad(values, (0, pad)).reshape(m.absmax.size, m.block_size)
-  return (blocks * m.absmax[:, None]).reshape(-1)[: m.q.size].reshape(m.q.shape)
+  return dequantize_blocks(m.q, m.absmax, _code(m.signed), m.block_size).reshape(m.q.shape)
+
+
+def _requantize(new: jax.Array, signed: bool, valid=None) -> tuple[jax.Array, jax.Array]:
+  """``(uint8 codes, float32 absmax)`` of float32 blocks ``new (rows, block_size)``."""
+  # Saturate instead of overflowing: an inf in a block would turn its whole scale into NaN,
+  # where a float32 optimizer would still be finite.
+  new = jnp.clip(jnp.nan_to_num(new, nan=0.0), -_F32_MAX, _F32_MAX)
+  if valid is not None:
+    new = jnp.where(valid, new, 0.0)
+  absmax = jnp.max(jnp.abs(new), axis=1)
+  return nearest_dynamic(normalize(new, absmax), signed), absmax
+
+
+def _dequantize_rows(q: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
+  return _code(signed).at[q].get(mode="promise_in_bounds") * absmax[:, None]
+
+
+def update_moments(fn: Callable[..., tuple[jax.Array, ...]], inputs: Sequence[jax.Array],
+                   moments: tuple[Moment, ...]) -> tuple[Moment, ...]:
+  """The new moments ``fn(*inputs, *old values)``, stored like ``moments`` (re-quantized when
+  8-bit).
+
+  ``fn`` is elementwise (any shape): the ``inputs`` (arrays of the leaf's shape, e.g. the
+  gradient) and the old moment values (float32) in, a tuple of new float32 values out. A leaf's
+  moments are all 8-bit (same block size) or all float32. 8-bit moments are updated chunk by
+  chunk in a loop (module docstring), in place in the old state's buffers (copied first unless
+  donated and read by nothing else).
+  """
+  if not any(isinstance(m, QuantizedMoment) for m in moments):
+    return tuple(x.astype(jnp.float32) for x in fn(*inputs, *moments))
+  if not all(isinstance(m, QuantizedMoment) and m.block_size == moments[0].block_size
+             for m in moments):
+    raise ValueError("update_moments: a leaf's moments must all be 8-bit with one block size")
+  k, ni = len(moments), len(inputs)
+
+  def chunk(valid, *xs):  # the inputs, then the moments' codes and absmax, at this chunk
+    ins, qs, absmaxes = xs[:ni], xs[ni:ni + k], xs[ni + k:]
+    olds = [_dequantize_rows(q, a, m.signed) for q, a, m in zip(qs, absmaxes, moments)]
+    # The barrier keeps the chunk's new moments in one buffer that the absmax and the codes
+    # both read; XLA would otherwise compute them twice.
+    news = jax.lax.optimization_barrier(tuple(fn(*ins, *olds)))
+    news = [_requantize(x, m.signed, valid) for x, m in zip(news, moments)]
+    return [q for q, _ in news], [a for _, a in news]
+
+  qs, absmaxes = map_blocks(chunk, [x.reshape(-1) for x in inputs], [],
+                            [m.q.reshape(-1) for m in moments], [m.absmax for m in moments],
+                            moments[0].block_size)
+  return tuple(QuantizedMoment(q.reshape(m.q.shape), a, m.signed, m.block_size)
+               for q, a, m in zip(qs, absmaxes, moments))
 
 
 def write_moment(old: Moment, new: jax.Array) -> Moment:
   """``new`` (float32) stored like ``old``: re-quantized to the nearest code when 8-bit."""
   if not isinstance(old, QuantizedMoment):
     return new.astype(jnp.float32)
-  # Saturate instead of overflowing: an inf in a block would turn its whole scale into NaN,
-  # where a float32 optimizer would still be finite.
-  new = jnp.clip(jnp.nan_to_num(new, nan=0.0), -_F32_MAX, _F32_MAX)
-  blocks = to_blocks(new, old.block_size)
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
-  # + 0: the normalized value is rounded before nearest_code subtracts codes from it.
-  q = nearest_code(normalize(blocks, absmax) + runtime_zero(), _code(old.signed))
-  return QuantizedMoment(q.reshape(-1)[: new.size].reshape(new.shape), absmax, old.signed,
-                         old.block_size)
+  return update_moments(lambda x, _: (x.astype(jnp.float32),), (new,), (old,))[0]
 
 
 MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]

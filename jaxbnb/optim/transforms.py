@@ -25,8 +25,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbnb import _backend, _explicit
 from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, _code, check_block_size,
-                                init_moment, read_moment, runtime_zero, use_8bit_tree,
-                                write_moment)
+                                init_moment, read_moment, runtime_zero, update_moments,
+                                use_8bit_tree)
 from pallas_kernels import optim_8bit as _kernel
 
 
@@ -78,12 +78,33 @@ def _state_specs(mesh, like, state):
     return jax.tree.map(lambda a: P(*(None,) * len(a.shape)), x)
   if isinstance(state, tuple) and hasattr(state, "_fields"):
     return type(state)(*(field(x) for x in state))
+  if isinstance(state, tuple):  # an optax.chain's states
+    return tuple(_state_specs(mesh, like, x) for x in state)
   return field(state)
+
+
+def _auto_context(fn):
+  """``fn`` traced with the context mesh's Explicit axes made Auto.
+
+  ``_explicit.call`` first shapes ``fn``'s outputs with ``jax.eval_shape`` on unsharded
+  stand-ins under the Explicit context mesh: constants traced there are typed on that mesh, and
+  the chunk loop's in-place updates (``map_blocks``) refuse to mix the two typings.
+  """
+  def wrapped(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+      return fn(*args)
+    auto = mesh.update_axis_types({a: jax.sharding.AxisType.Auto for a in mesh.explicit_axes})
+    with jax.sharding.use_abstract_mesh(auto):
+      return fn(*args)
+  return wrapped
 
 
 def _explicit_mode(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """``tx`` usable on params sharded under an Explicit mesh (see ``jaxbnb._explicit``): blocks
   are formed with Auto axes, moments come back sharded like their params."""
+  tx = optax.GradientTransformation(_auto_context(tx.init), _auto_context(tx.update))
+
   def init_fn(params):
     return _explicit.call(tx.init, (params,),
                           lambda mesh, out: _state_specs(mesh, params, out))
@@ -96,20 +117,31 @@ def _explicit_mode(tx: optax.GradientTransformation) -> optax.GradientTransforma
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _map(fn, updates, *moment_trees):
+def _map(fn, updates, *moment_trees, params=None):
   """Apply ``fn(g, *moments) -> (update, *new_moments)`` per leaf; returns unzipped trees.
 
   Moment trees are matched to the updates leaf by leaf (in flattening order), and each keeps
   its own structure: wrappers such as ``nnx.Optimizer``'s state variables stay as they are.
+  With ``params``, ``fn(g, p, *moments)``.
   """
   is_moment = lambda x: isinstance(x, QuantizedMoment)
   g_leaves, g_def = jax.tree.flatten(updates)
+  extra = [] if params is None else [g_def.flatten_up_to(params)]
   flat = [jax.tree.flatten(t, is_leaf=is_moment) for t in moment_trees]
   for leaves, _ in flat:
     if len(leaves) != len(g_leaves):
       raise ValueError(f"optimizer state holds {len(leaves)} moments for {len(g_leaves)} "
                        "gradient leaves: was it initialized with these params?")
-  outs = [fn(g, *ms) for g, *ms in zip(g_leaves, *[leaves for leaves, _ in flat])]
+  outs, done = [], None
+  for args in zip(g_leaves, *extra, *[leaves for leaves, _ in flat]):
+    if done is not None and any(is_moment(m) for m in args):
+      # One 8-bit leaf after the other: a gradient computed in the jitted step (an earlier
+      # transform of a chain) is materialized for the update loop, and XLA would otherwise
+      # compute them all first, holding every leaf's float32 copy at once.
+      args, _ = jax.lax.optimization_barrier((args, done))
+    outs.append(fn(*args))
+    loops = [m.absmax for m in outs[-1][1:] if is_moment(m)]
+    done = loops or done
   return (g_def.unflatten([o[0] for o in outs]),
           *(d.unflatten([o[i + 1] for o in outs]) for i, (_, d) in enumerate(flat)))
 
@@ -141,16 +173,40 @@ def adam_scalars(b1, b2, eps, eps_root, count, z):
   return (b1, 1 - b1, b2, 1 - b2, eps_root, eps * jnp.sqrt(c2) + z, jnp.sqrt(c2) / c1)
 
 
+def _step(fn, g, *moments):
+  """``(new moments stored like moments, (g0, ok, *new float32 values))`` of one leaf.
+
+  The stored moments come from :func:`update_moments` (chunked); the float32 values are
+  ``fn`` recomputed from the old state, elementwise: the direction built from them fuses into
+  its consumers instead of materializing a float32 copy of the moments.
+  """
+  stored = update_moments(fn, (g,), moments)
+  g0, ok = _finite(g)
+  return stored, (g0, ok, *fn(g, *(read_moment(m) for m in moments)))
+
+
+def adam_moments(scalars, z):
+  """Adam's moment rule ``fn(g, m_old, v_old) -> (m_new, v_new)`` (float32, elementwise)."""
+  b1, c_b1, b2, c_b2 = scalars[:4]
+
+  def fn(g, m_old, v_old):
+    g0, ok = _finite(g)
+    return (jnp.where(ok, (b1 * m_old + z) + (c_b1 * g0 + z), m_old),
+            jnp.where(ok, (b2 * v_old + z) + (c_b2 * g0 * g0 + z), v_old))
+  return fn
+
+
+def adam_direction(g, m_new, v_new, scalars):
+  """float32 ``sqrt(c2)/c1 * m / (sqrt(v + eps_root) + eps*sqrt(c2))``, 0 where g is not finite."""
+  eps_root, eps_c2, scale = scalars[4:]
+  _, ok = _finite(g)
+  return jnp.where(ok, scale * m_new / (jnp.sqrt(v_new + eps_root) + eps_c2), 0.0)
+
+
 def adam_leaf(g, m, v, scalars, z):
   """XLA path of one leaf: ``(float32 direction, new m, new v)`` (moments stored like m, v)."""
-  b1, c_b1, b2, c_b2, eps_root, eps_c2, scale = scalars
-  g0, ok = _finite(g)
-  m_old, v_old = read_moment(m), read_moment(v)
-  m_new = jnp.where(ok, (b1 * m_old + z) + (c_b1 * g0 + z), m_old)
-  v_new = jnp.where(ok, (b2 * v_old + z) + (c_b2 * g0 * g0 + z), v_old)
-  denom = jnp.sqrt(v_new + eps_root) + eps_c2
-  u = jnp.where(ok, scale * m_new / denom, 0.0)
-  return u, write_moment(m, m_new), write_moment(v, v_new)
+  (m, v), (_, _, m_new, v_new) = _step(adam_moments(scalars, z), g, m, v)
+  return adam_direction(g, m_new, v_new, scalars), m, v
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -221,11 +277,14 @@ def scale_by_lion_8bit(b1: Scalar = 0.9, b2: Scalar = 0.99, *, block_size: int =
       fused = _fused("lion", interpret, (b1, 1 - b1, b2, 1 - b2), g, m)
       if fused is not None:
         return fused
-      g0, ok = _finite(g)
+      def moment(g, m_old):
+        g0, ok = _finite(g)
+        return (jnp.where(ok, (b2 * m_old + z) + ((1 - b2) * g0 + z), m_old),)
+
+      (m_stored,), (g0, ok, _) = _step(moment, g, m)
       m_old = read_moment(m)
       u = jnp.where(ok, jnp.sign((b1 * m_old + z) + ((1 - b1) * g0 + z)), 0.0)
-      m_new = jnp.where(ok, (b2 * m_old + z) + ((1 - b2) * g0 + z), m_old)
-      return u.astype(g.dtype), write_moment(m, m_new)
+      return u.astype(g.dtype), m_stored
 
     u, mu = _map(leaf, updates, state.mu)
     return u, ScaleByLion8bitState(optax.safe_increment(state.count), mu)
@@ -258,11 +317,13 @@ def trace_8bit(decay: Scalar, nesterov: bool = False, *, block_size: int = 256,
       fused = _fused("nesterov" if nesterov else "momentum", interpret, (decay,), g, m)
       if fused is not None:
         return fused
-      g0, ok = _finite(g)
-      m_old = read_moment(m)
-      m_new = jnp.where(ok, (decay * m_old + z) + g0, m_old)
+      def moment(g, m_old):
+        g0, ok = _finite(g)
+        return (jnp.where(ok, (decay * m_old + z) + g0, m_old),)
+
+      (m,), (g0, ok, m_new) = _step(moment, g, m)
       u = g0 + (decay * m_new + z) if nesterov else m_new
-      return jnp.where(ok, u, 0.0).astype(g.dtype), write_moment(m, m_new)
+      return jnp.where(ok, u, 0.0).astype(g.dtype), m
 
     u, tr = _map(leaf, updates, state.trace)
     return u, Trace8bitState(tr)
@@ -289,13 +350,16 @@ def scale_by_rms_8bit(decay: Scalar = 0.9, eps: Scalar = 1e-8, initial_scale: fl
 
   def update_fn(updates, state, params=None):
     del params
+    z = runtime_zero()
+
+    def moment(g, v_old):
+      g0, ok = _finite(g)
+      return (jnp.where(ok, (decay * v_old + z) + ((1 - decay) * g0 * g0 + z), v_old),)
 
     def leaf(g, v):
-      g0, ok = _finite(g)
-      v_old = read_moment(v)
-      v_new = jnp.where(ok, decay * v_old + (1 - decay) * g0 * g0, v_old)
+      (v,), (g0, ok, v_new) = _step(moment, g, v)
       u = g0 * jax.lax.rsqrt(v_new + eps) if eps_in_sqrt else g0 / (jnp.sqrt(v_new) + eps)
-      return jnp.where(ok, u, 0.0).astype(g.dtype), write_moment(v, v_new)
+      return jnp.where(ok, u, 0.0).astype(g.dtype), v
 
     u, nu = _map(leaf, updates, state.nu)
     return u, ScaleByRms8bitState(nu)
@@ -320,13 +384,16 @@ def scale_by_rss_8bit(initial_accumulator_value: float = 0.1, eps: Scalar = 1e-7
 
   def update_fn(updates, state, params=None):
     del params
+    z = runtime_zero()
+
+    def moment(g, s_old):
+      g0, ok = _finite(g)
+      return (jnp.where(ok, s_old + (g0 * g0 + z), s_old),)
 
     def leaf(g, s):
-      g0, ok = _finite(g)
-      s_old = read_moment(s)
-      s_new = jnp.where(ok, s_old + g0 * g0, s_old)
+      (s,), (g0, ok, s_new) = _step(moment, g, s)
       inv = jnp.where(s_new > 0, jax.lax.rsqrt(s_new + eps), 0.0)
-      return jnp.where(ok, g0 * inv, 0.0).astype(g.dtype), write_moment(s, s_new)
+      return jnp.where(ok, g0 * inv, 0.0).astype(g.dtype), s
 
     u, ss = _map(leaf, updates, state.sum_of_squares)
     return u, ScaleByRss8bitState(ss)
@@ -367,18 +434,86 @@ def scale_by_ademamix_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999,
     t = count.astype(jnp.float32)
     c1, c2 = 1 - jnp.power(b1, t), 1 - jnp.power(b2, t)
     b3_t, alpha_t = _value(b3, state.count_m2), _value(alpha, state.count_m2)
+    z = runtime_zero()
+
+    def moments(g, m1_old, m2_old, v_old):
+      g0, ok = _finite(g)
+      return (jnp.where(ok, (b1 * m1_old + z) + ((1 - b1) * g0 + z), m1_old),
+              jnp.where(ok, (b3_t * m2_old + z) + ((1 - b3_t) * g0 + z), m2_old),
+              jnp.where(ok, (b2 * v_old + z) + ((1 - b2) * g0 * g0 + z), v_old))
 
     def leaf(g, m1, m2, v):
-      g0, ok = _finite(g)
-      m1_old, m2_old, v_old = read_moment(m1), read_moment(m2), read_moment(v)
-      m1_new = jnp.where(ok, b1 * m1_old + (1 - b1) * g0, m1_old)
-      m2_new = jnp.where(ok, b3_t * m2_old + (1 - b3_t) * g0, m2_old)
-      v_new = jnp.where(ok, b2 * v_old + (1 - b2) * g0 * g0, v_old)
-      u = (m1_new / c1 + alpha_t * m2_new) / (jnp.sqrt(v_new / c2 + eps_root) + eps)
-      return (jnp.where(ok, u, 0.0).astype(g.dtype), write_moment(m1, m1_new),
-              write_moment(m2, m2_new), write_moment(v, v_new))
+      (m1, m2, v), (_, ok, m1_new, m2_new, v_new) = _step(moments, g, m1, m2, v)
+      u = (m1_new / c1 + (alpha_t * m2_new + z)) / (jnp.sqrt(v_new / c2 + eps_root) + eps)
+      return jnp.where(ok, u, 0.0).astype(g.dtype), m1, m2, v
 
     u, m1, m2, nu = _map(leaf, updates, state.m1, state.m2, state.nu)
     return u, ScaleByAdemamix8bitState(count, count_m2, m1, m2, nu)
 
   return _explicit_mode(optax.GradientTransformation(init_fn, update_fn))
+
+
+def _leaf_flags(mask, params) -> list[bool]:
+  """Static bool per params leaf of an optax mask (a tree, a prefix of one, or a function)."""
+  mask = mask(params) if callable(mask) else mask
+  return jax.tree.leaves(jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub),
+                                      mask, params))
+
+
+def lars_8bit(chain: optax.GradientTransformation, decay_tx: optax.GradientTransformation,
+              lr_tx: optax.GradientTransformation, weight_decay, weight_decay_mask,
+              trust_coefficient: Scalar, eps: Scalar, trust_ratio_mask, momentum: Scalar,
+              nesterov: bool) -> optax.GradientTransformation:
+  """LARS's ``chain`` (decayed weights, masked trust ratio, learning rate, :func:`trace_8bit`)
+  with the same state and results, computed per leaf from the raw gradient and parameter.
+
+  As a chain, the momentum's input ``lr * ratio * (g + wd * p)`` is an array computed in the
+  step: the update loop needs it in memory, and XLA computes every leaf's first (optax's norm
+  also writes a masked copy of each leaf). Here the update loop reads ``g`` and ``p`` and
+  recomputes that input per chunk; only per-leaf scalars (decay rate, trust ratio, step) come
+  from outside. ``decay_tx`` and ``lr_tx`` are the chain's first and third transforms: run on
+  scalars, they give those per-leaf values (schedules, masks and state counts as in the chain).
+  """
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    decay_state, trust_state, lr_state, trace_state = state
+    scalars = lambda v: jax.tree.map(lambda p: jnp.full((), v, jnp.asarray(p).dtype), params)
+    rates, decay_state = decay_tx.update(scalars(0), decay_state, scalars(1))
+    steps, lr_state = lr_tx.update(scalars(1), lr_state)
+    decays = _leaf_flags(weight_decay_mask, params)
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+      decays = [False] * len(decays)
+    trusts = _leaf_flags(trust_ratio_mask, params)
+    per_leaf = iter(zip(jax.tree.leaves(rates), jax.tree.leaves(steps), decays, trusts))
+    z = runtime_zero()
+
+    def leaf(g, p, m):
+      rate, step, decayed, trusted = next(per_leaf)
+
+      def decayed_g(g, p):
+        return g + (rate * p + z.astype(p.dtype)) if decayed else g
+
+      def gin(g, p):  # the momentum's input, as the chain computes it
+        return decayed_g(g, p) * ratio if trusted else decayed_g(g, p)
+
+      if trusted:
+        p_norm, x_norm = jnp.linalg.norm(p), jnp.linalg.norm(decayed_g(g, p))
+        ratio = jnp.where((p_norm == 0) | (x_norm == 0), jnp.ones((), p.dtype),
+                          trust_coefficient * p_norm / (x_norm + eps))
+
+      def moment(g, p, m_old):
+        g0, ok = _finite(step * gin(g, p))
+        return (jnp.where(ok, (momentum * m_old + z) + g0, m_old),)
+
+      m_old = read_moment(m)
+      (m,) = update_moments(moment, (g, p), (m,))
+      g0, ok = _finite(step * gin(g, p))
+      (m_new,) = moment(g, p, m_old)  # recomputed: fuses into the update's consumers
+      u = g0 + (momentum * m_new + z) if nesterov else m_new
+      return jnp.where(ok, u, 0.0).astype(g.dtype), m
+
+    u, trace = _map(leaf, updates, trace_state.trace, params=params)
+    return u, (decay_state, trust_state, lr_state, Trace8bitState(trace))
+
+  return _explicit_mode(optax.GradientTransformation(chain.init, update_fn))
