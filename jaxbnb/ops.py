@@ -287,8 +287,10 @@ def int8_matmul(x: jax.Array, w: Quantized8bit, bias: Optional[jax.Array] = None
   ``CB * SCB / 127`` and added (the mixed-precision decomposition). The int8 product
   accumulates exactly in int32 and is scaled by ``row_absmax(x) * SCB / 127**2``.
 
-  Up to ``max_outlier_cols`` outlier columns are gathered (static shapes); more than that
-  switches, inside the same jit, to a masked 16-bit product over all columns (correct, slower).
+  The XLA path gathers the outlier columns ``min(max_outlier_cols, 16)`` at a time, in a loop
+  that runs once per page (none without outliers); no float copy of W is made at any count.
+  The Pallas kernels gather up to ``max_outlier_cols`` and past that switch, inside the same
+  jit, to a masked 16-bit product over all columns (correct, slower).
 
   Returns:
     ``(..., out)`` in ``x.dtype``.
@@ -329,39 +331,72 @@ def _int8_linear_fwd_impl(x, w, bias, threshold, max_cols, interpret):
                                   max_outlier_cols=max_cols, interpret=interpret)
 
 
+# XLA:CPU lowers an s8 x s8 -> s32 dot with one lhs row as an s32 GEMV over a widened copy of
+# CB (64 MiB at 4096^2, ~10x slower); from a few rows on it takes the int8 GEMM (4 rows measured
+# fastest of 2..16). Padding x's codes with zero rows leaves the kept rows' results exact.
+_INT8_MIN_ROWS = 4
+# At those few rows the int8 GEMM's time is repacking CB; as a batch of 8 row blocks of CB
+# (2 MiB each at 4096^2) it repacks within cache: ~10% faster at M=1, no gain from M=16 on.
+_INT8_GEMV_BLOCKS = 8
+# Outlier columns gathered per loop step by the XLA path. Each step gathers (out, page) codes
+# whatever the real count, so a small page keeps the usual few outliers cheap (at 4096^2, M=1,
+# 4 outlier columns: ~0.35 ms at 16, ~0.55 ms at 32, ~1.7 ms at 256; dense f32 x @ W ~3 ms).
+_OUTLIER_PAGE = 16
+
+
 def _int8_linear_impl(x, w, bias, threshold, max_cols):
   cq, row_absmax, outlier_cols = _int8.int8_vectorwise_quant(x, threshold)
-  acc = jax.lax.dot_general(cq, w.CB, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.int32)
+  acc = _int8_product(cq, w.CB)
   # bnb's int8_mm_dequant: acc * row_stats * col_stats / 127^2, in float32.
   y = acc.astype(jnp.float32) * row_absmax[:, None] * w.SCB[None, :] * jnp.float32(
       1 / (127 * 127))
   if threshold > 0:
-    y = y + _outlier_product(x, w, outlier_cols, max_cols)
+    y = _add_outlier_product(y, x, w, outlier_cols, min(max_cols, _OUTLIER_PAGE))
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(x.dtype)
 
 
-def _outlier_product(x, w, outlier_cols, max_cols):
-  """16-bit ``x[:, cols] @ W[:, cols].T`` over the outlier columns, float32 accumulation."""
+def _int8_product(cq, cb):
+  """Exact int32 ``cq @ cb.T``: int8 ``(m, in)`` x int8 ``(out, in)`` -> ``(m, out)``."""
+  m, (n_out, n_in) = cq.shape[0], cb.shape
+  if m >= _INT8_MIN_ROWS:
+    return jax.lax.dot_general(cq, cb, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.int32)
+  cq = jnp.pad(cq, ((0, _INT8_MIN_ROWS - m), (0, 0)))
+  nb = _INT8_GEMV_BLOCKS if n_out % _INT8_GEMV_BLOCKS == 0 else 1
+  acc = jax.lax.dot_general(jnp.broadcast_to(cq, (nb, *cq.shape)),
+                            cb.reshape(nb, n_out // nb, n_in), (((2,), (2,)), ((0,), (0,))),
+                            preferred_element_type=jnp.int32)  # (nb, rows, out / nb)
+  return acc[:, :m].transpose(1, 0, 2).reshape(m, n_out)
+
+
+def _add_outlier_product(y, x, w, outlier_cols, page):
+  """``y + x[:, cols] @ W[:, cols].T`` over the outlier columns: 16-bit operands (bnb's
+  ``CB * SCB / 127`` in x's dtype), float32 accumulation into ``y`` (float32 ``(m, out)``).
+
+  The columns are gathered ``page`` at a time in a loop that runs ``ceil(count / page)`` times:
+  no outliers cost no product, and any count needs only one page of dequantized weight
+  (``(out, page)``), never the whole float W.
+  """
   n_in = x.shape[-1]
-  k = min(max_cols, n_in)
+  page = max(1, min(page, n_in))
+  n_pages = -(-n_in // page)
+  count = jnp.sum(outlier_cols, dtype=jnp.int32)
+  idx = jnp.nonzero(outlier_cols, size=n_pages * page, fill_value=0)[0]
+  scale = w.SCB[:, None] * jnp.float32(1 / 127)
 
-  def gathered(_):
-    idx = jnp.nonzero(outlier_cols, size=k, fill_value=0)[0]
-    valid = jnp.arange(k) < jnp.sum(outlier_cols)
-    sub_x = jnp.where(valid[None, :], x[:, idx], 0)
-    sub_w = (w.CB[:, idx].astype(jnp.float32) * (w.SCB[:, None] * jnp.float32(1 / 127)))
-    return _dot_f32(sub_x, sub_w.astype(x.dtype), (((1,), (1,)), ((), ())))
+  def body(i, y):
+    cols = jax.lax.dynamic_slice_in_dim(idx, i * page, page)
+    valid = i * page + jnp.arange(page) < count
+    sub_x = jnp.where(valid[None, :], x[:, cols], 0)
+    # W's page gathered row by row into its own buffer: fused into the dot's operand, XLA:CPU
+    # gathers it column by column (one cache miss per element, ~10x slower).
+    cb = jax.lax.optimization_barrier(w.CB[:, cols].reshape(-1)).reshape(-1, page)
+    sub_w = (cb.astype(jnp.float32) * scale).astype(x.dtype)
+    return y + _dot_f32(sub_x, sub_w, (((1,), (1,)), ((), ())))
 
-  def masked(_):
-    sub_x = jnp.where(outlier_cols[None, :], x, 0)
-    return _dot_f32(sub_x, w.dequantize_matrix(x.dtype), (((1,), (1,)), ((), ())))
-
-  if k == n_in:
-    return masked(None)
-  return jax.lax.cond(jnp.sum(outlier_cols) <= k, gathered, masked, None)
+  return jax.lax.fori_loop(0, (count + page - 1) // page, body, y)
 
 
 def _int8_linear_fwd(x, w, bias, threshold, max_cols, interpret):
@@ -374,14 +409,41 @@ def _int8_linear_bwd(threshold, max_cols, interpret, res, g):
   del interpret  # the backward pass is XLA's for both backends
   w, bias_spec, x_spec = res
   # bnb's backward: grad_x = g @ (CB * SCB / 127) in the input dtype.
-  dx = _dot_f32(g.astype(x_spec.dtype), w.dequantize_matrix(x_spec.dtype),
-                (((1,), (0,)), ((), ())))
+  dx = _grad_input(g.astype(x_spec.dtype), w)
   dbias = (None if bias_spec is None
            else jnp.sum(g.astype(jnp.float32), axis=0).astype(bias_spec.dtype))
   return dx.astype(x_spec.dtype), None, dbias
 
 
 _int8_linear.defvjp(_int8_linear_fwd, _int8_linear_bwd)
+
+# Weight elements dequantized per step of the backward product (4 MiB as float32).
+_BWD_BLOCK_ELEMS = 1 << 20
+
+
+def _grad_input(g, w):
+  """float32 ``g @ (CB * SCB / 127)``: ``g`` ``(m, out)`` in x's dtype -> ``(m, in)``.
+
+  W is dequantized (to g's dtype, bnb's rounding) a block of output rows at a time and the
+  partial products summed in float32, so no full-size float copy of W is ever alive (on CPU
+  ``_dot_f32`` would widen a 16-bit one to float32 as well).
+  """
+  n_out, n_in = w.CB.shape
+  rows = max(1, min(n_out, _BWD_BLOCK_ELEMS // n_in))
+  scale = w.SCB * jnp.float32(1 / 127)
+
+  def block(start, size):
+    cb = jax.lax.dynamic_slice_in_dim(w.CB, start, size)
+    wd = (cb.astype(jnp.float32) * jax.lax.dynamic_slice_in_dim(scale, start, size)[:, None])
+    gb = jax.lax.dynamic_slice_in_dim(g, start, size, axis=1)
+    return _dot_f32(gb, wd.astype(g.dtype), (((1,), (0,)), ((), ())))
+
+  n_full = n_out // rows
+  dx = jax.lax.fori_loop(0, n_full, lambda i, acc: acc + block(i * rows, rows),
+                         jnp.zeros((g.shape[0], n_in), jnp.float32))
+  if n_out % rows:
+    dx = dx + block(n_full * rows, n_out % rows)
+  return dx
 
 
 # --- generic entry point ------------------------------------------------------------------------
