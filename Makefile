@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The core and every feature once (a few minutes); `make test` (CI) runs everything.
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 # Interop against the real bitsandbytes 0.50.2 + transformers (downloads torch; not part of CI).
 test-bnb: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e ".[interop-test]"
