@@ -99,6 +99,23 @@ def quantize(params: Any, config: BitsAndBytesConfig, *,
   """
   if not isinstance(config, BitsAndBytesConfig):
     raise TypeError("quantize(params, config) needs a jaxbnb.BitsAndBytesConfig")
+  out, used = quantize_parts(params, config, predicate=predicate)
+  warn_unused_skip_patterns(config, used)
+  return out
+
+
+def warn_unused_skip_patterns(config: BitsAndBytesConfig, used: set) -> None:
+  """Warn about ``llm_int8_skip_modules`` patterns that matched no quantizable leaf."""
+  unused = [p for p in config.llm_int8_skip_modules if p not in used and p != "lm_head"]
+  if unused:
+    warnings.warn(f"llm_int8_skip_modules patterns matched no quantizable leaf: {unused}",
+                  stacklevel=3)
+
+
+def quantize_parts(params: Any, config: BitsAndBytesConfig, *,
+                   predicate: Optional[Callable[[str, Any], bool]] = None) -> tuple[Any, set]:
+  """:func:`quantize` without the unused-pattern warning: ``(tree, skip patterns that
+  matched)``, for callers that quantize a model in parts (one layer at a time) and warn once."""
   used = set()
 
   def one(path, leaf):
@@ -118,12 +135,7 @@ def quantize(params: Any, config: BitsAndBytesConfig, *,
       return leaf
     return _quantize_leaf(leaf, *layout, config)
 
-  out = jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
-  unused = [p for p in config.llm_int8_skip_modules if p not in used and p != "lm_head"]
-  if unused:
-    warnings.warn(f"llm_int8_skip_modules patterns matched no quantizable leaf: {unused}",
-                  stacklevel=2)
-  return out
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized), used
 
 
 def dequantize(tree: Any) -> Any:

@@ -254,7 +254,7 @@ def outlier_width(max_outlier_cols: int, k: int) -> int:
 def outlier_operands(x, CB, SCB, cols, ko):
   """Gathered ``x[:, cols]`` ``(M, KO)`` and ``CB[:, cols] * (SCB / 127)`` ``(N, KO)`` in x.dtype.
 
-  Zero past the real number of outlier columns (the XLA path's ``_outlier_product`` operands).
+  Zero past the real number of outlier columns (the XLA path's ``_add_outlier_product`` operands).
   """
   idx = jnp.nonzero(cols, size=ko, fill_value=0)[0]
   valid = jnp.arange(ko) < jnp.sum(cols)

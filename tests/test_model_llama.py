@@ -261,3 +261,37 @@ def test_bf16_model_tracks_the_reference():
   assert out.dtype == np.float32
   ref = reference_logits(sd, cfg, TOKENS)
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.03
+
+
+def test_lm_quantize_packs_one_layer_at_a_time(monkeypatch):
+  """``lm.quantize`` equals ``jaxbnb.quantize`` of the unstacked params, warns about an unused
+  skip pattern once, and never holds more than one layer's float slice beyond the params."""
+  import warnings  # noqa: PLC0415
+  from jaxbnb.models import causal_lm  # noqa: PLC0415
+  cfg = hf_config(num_hidden_layers=4)
+  lm = _lm(random_state_dict(cfg, 8), cfg)
+  f32_live = lambda: sum(a.nbytes for a in jax.live_arrays() if a.dtype == jnp.float32)
+  layer_bytes = sum(a.nbytes // 4 for a in jax.tree.leaves(lm.params["layers"]))
+  base, peak = f32_live(), [0]
+  real = causal_lm.quantize_parts
+
+  def spy(params, config, **kw):
+    peak[0] = max(peak[0], f32_live() - base)
+    return real(params, config, **kw)
+  monkeypatch.setattr(causal_lm, "quantize_parts", spy)
+  quant = jaxbnb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    llm_int8_skip_modules=["lm_head", "layers.1.mlp", "nothing"])
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    packed = lm.quantize(quant)
+  msgs = [str(w.message) for w in seen if "matched no quantizable leaf" in str(w.message)]
+  assert msgs == ["llm_int8_skip_modules patterns matched no quantizable leaf: ['nothing']"]
+  # The slice being packed plus what stays float by design (layer 1's MLP): under two layers'
+  # worth, where unstacking first held all four.
+  assert peak[0] < 2 * layer_bytes, (peak[0], layer_bytes)
+  assert not packed.scanned  # layer 1 kept its MLP in float: the layers differ
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    ref = jaxbnb.quantize(lm.unstacked_params(), quant)
+  for a, b in zip(jax.tree.leaves(packed.params), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

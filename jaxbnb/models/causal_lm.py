@@ -35,7 +35,7 @@ from jaxbnb.models.llama import (DecoderLayer, Llama, LlamaConfig, causal_mask,
 from jaxbnb.models.tokenizer import Tokenizer
 from jaxbnb.qtensor import is_quantized
 from jaxbnb.tree import memory_footprint
-from jaxbnb.tree import quantize as jaxbnb_quantize
+from jaxbnb.tree import quantize_parts, warn_unused_skip_patterns
 
 
 def _delete(tree) -> None:
@@ -232,12 +232,25 @@ class CausalLM:
     return memory_footprint(self.params)
 
   def quantize(self, config: BitsAndBytesConfig) -> "CausalLM":
-    """A copy with the linear weights packed by ``config`` (layer by layer, as
-    :func:`jaxbnb.quantize` packs the unstacked params: bit for bit)."""
-    params = jaxbnb_quantize(self.unstacked_params(), config)
+    """A copy with the linear weights packed by ``config`` (bit for bit what
+    :func:`jaxbnb.quantize` gives on the unstacked params). One layer is sliced out and packed at
+    a time, so beyond the float params and the packed result only one layer's float slice is
+    ever alive."""
+    if not isinstance(config, BitsAndBytesConfig):
+      raise TypeError("quantize(config) needs a jaxbnb.BitsAndBytesConfig")
+    # Quantized under their full paths ("layers.3.mlp..."), so skip patterns match as usual.
+    top, used = quantize_parts({k: v for k, v in self.params.items() if k != "layers"}, config)
+    layers = {}
+    for i in range(self.config.num_hidden_layers):
+      layer = (jax.tree.map(lambda a, i=i: a[i], self.params["layers"]) if self.scanned
+               else self.params["layers"][i])
+      packed, hit = quantize_parts({"layers": {i: layer}}, config)
+      layers[i], used = packed["layers"][i], used | hit
+    warn_unused_skip_patterns(config, used)
+    params = {**top, "layers": layers}
     if self.scanned:
-      stacked = stack_layers(params["layers"])
-      params["layers"] = params["layers"] if stacked is None else stacked
+      stacked = stack_layers(layers, consume=True)
+      params["layers"] = layers if stacked is None else stacked
     return CausalLM(self.config, params, dtype=self.dtype, tokenizer=self.tokenizer,
                     quantization_config=config, backend=self.backend)
 
