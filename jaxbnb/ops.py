@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from jaxbnb import _backend, _explicit
 from jaxbnb.functional import fourbit as _fourbit
 from jaxbnb.functional import int8 as _int8
+from jaxbnb.functional.blockwise import unnest_absmax
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray
 from pallas_kernels import common as _pallas_common
 from pallas_kernels import gemm_4bit as _pallas_gemm
@@ -132,9 +133,9 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
         "the input axes, so this product dequantizes the weight and runs in 16-bit",
         stacklevel=2)
   if isinstance(w, Quantized4bit) and not w_is_lhs:
-    pallas_case = _as_4bit_pallas_linear(x, w, dims, backend)
-    if pallas_case is not None:
-      return pallas_case(out_dtype or x.dtype)
+    linear_case = _as_4bit_linear(x, w, dims, backend)
+    if linear_case is not None:
+      return linear_case(out_dtype or x.dtype)
   out_dtype = np.dtype(out_dtype or x.dtype)
   dense = ((lambda x, w: jax.lax.dot_general(w, x, dims)) if w_is_lhs
            else (lambda x, w: jax.lax.dot_general(x, w, dims)))
@@ -175,7 +176,12 @@ def _linear(x, w, bias, backend):
     if bias is not None:
       y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
-  # Contract x's last axis with the input axes of the logical array.
+  if _row_step(w, m) is not None and jnp.issubdtype(x.dtype, jnp.floating):
+    y = _linear_xla(x.reshape(m, n_in), w).reshape(*x.shape[:-1], n_out)
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+  # A matrix the fused path does not cover (odd rows, blocks across the end): dequantize, dot.
   if w.transposed:
     x2 = x.reshape(*x.shape[:-1], *w.shape[:w.n_in])
     dims = ((tuple(range(x.ndim - 1, x2.ndim)), tuple(range(w.n_in))), ((), ()))
@@ -206,16 +212,17 @@ def _as_linear(x, w, dims, linear):
   return run
 
 
-def _as_4bit_pallas_linear(x, w, dims, backend):
-  """``x @ kernel`` on a 4-bit weight by a Pallas kernel (backend "pallas"), else None.
-
-  Routes ``qdot_general`` (hence ``jaxbnb.intercept``) to the kernels when ``dims`` contract x's
-  last axes with the weight's input axes and a kernel covers the problem.
-  """
-  if _backend.pallas_interpret(backend) is None or not jnp.issubdtype(x.dtype, jnp.floating):
+def _as_4bit_linear(x, w, dims, backend):
+  """``x @ kernel`` on a 4-bit weight through :func:`matmul_4bit` (the fused XLA path or a
+  Pallas kernel) when ``dims`` contract x's last axes with the weight's input axes and one of
+  them covers the matrix; else None (the generic dequantize-then-dot). Routes
+  ``qdot_general`` (hence ``jaxbnb.intercept``) to the fast paths."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
     return None
   m = math.prod(x.shape) // max(1, w.matrix_shape[1])
-  if _pallas_4bit_kernel(m, *w.matrix_shape, w) is None:
+  pallas = (_backend.pallas_interpret(backend) is not None
+            and _pallas_4bit_kernel(m, *w.matrix_shape, w) is not None)
+  if not pallas and _row_step(w, m) is None:
     return None
   return _as_linear(x, w, dims, lambda x2, w: matmul_4bit(x2, w, backend=backend))
 
@@ -262,8 +269,10 @@ def _linear_pallas_fwd(x2, w, kernel, interpret):
 def _linear_pallas_bwd(kernel, interpret, res, g):
   del kernel, interpret
   w, x_spec = res
-  # dx = g @ W with W dequantized again (XLA; not saved), transposing the same ops as the XLA
-  # forward so both backends give the same gradient. The packed weight gets no cotangent.
+  # dx = g @ W as the XLA path computes it (W decoded again, not saved), so both backends give
+  # the same gradient. The packed weight gets no cotangent.
+  if _row_step(w, g.shape[0]) is not None:
+    return _linear_xla_bwd(res, g)
   cd = w.compute_dtype
   wd = w.dequantize_matrix(cd)
   f = lambda x2: _dot_f32(x2.astype(cd), wd, (((1,), (1,)), ((), ())))
@@ -272,6 +281,159 @@ def _linear_pallas_bwd(kernel, interpret, res, g):
 
 
 _linear_pallas.defvjp(_linear_pallas_fwd, _linear_pallas_bwd)
+
+
+# --- 4-bit, XLA: the decode fused into the product ------------------------------------------
+#
+# XLA:CPU does not fuse a decode into a dot (a decode-then-multiply-then-reduce expression gets
+# its decoded W materialized), so the CPU path walks the (out, in) matrix in steps of whole
+# rows: each step decodes its rows (a select tree; cache-sized) and multiplies them at once.
+# Nothing the size of W is ever written. Other backends take one step: one decode into the
+# compute dtype (never float32 for a 16-bit compute dtype), then the dot. The two nibbles of
+# each byte are decoded as two planes (W's even and odd columns) and met by x's even and odd
+# columns, so no step interleaves anything.
+
+# Decoded planes per CPU step: at most _STEP_BYTES (they stay in cache for the dot; a bf16
+# step has twice the rows of a float32 one: fewer, larger GEMM calls) and at most
+# 1 / (2 * _FRACTION) of the weight's bf16 bytes, so that no matrix, however small, is decoded
+# whole; at most _MAX_STEPS steps (they are unrolled, see _loop).
+_STEP_BYTES = 4 << 20
+_FRACTION = 8
+_MAX_STEPS = 64
+# XLA:CPU has a fast bf16 x bf16 -> f32 GEMM (YNNPACK) from two rows of x on; for one row it
+# falls back to a naive loop (15x slower than a float32 GEMV), so M=1 runs in float32.
+_MIN_ROWS_16BIT = 2
+
+
+def _row_step(w: Quantized4bit, m: int, itemsize: int = 4) -> Optional[int]:
+  """Rows of the ``(out, in)`` matrix per step of the fused path for planes of ``itemsize``
+  bytes; None if the path does not apply (an odd row length, or a last block that runs past
+  the matrix)."""
+  n_out, n_in = w.matrix_shape
+  bs = w.state.blocksize
+  if n_in % 2 or (n_out * n_in) % bs or m == 0:
+    return None
+  if jax.default_backend() != "cpu":
+    return n_out
+  whole = bs // math.gcd(n_in, bs)  # the fewest rows that hold whole blocks
+  rows = min(_STEP_BYTES // (n_in * itemsize), n_out // (_FRACTION * itemsize))
+  rows = max(rows, -(-n_out // _MAX_STEPS))
+  return min(n_out, max(whole, rows // whole * whole))
+
+
+def _plane_dtypes(compute_dtype, rows: int, operand_dtype) -> tuple[Any, Any]:
+  """(dtype W is rounded to, dtype the dot runs in) against ``rows`` rows of the other operand.
+
+  Accumulation is float32 always. A 16-bit product needs the other operand to hold exactly
+  compute-dtype values (else it runs in float32 on the same rounded W, as bnb multiplies in
+  the gradient's dtype) and, on CPU, a fast kernel: bf16 from two rows on. One row runs in
+  float32 with W exact (``code * absmax``, as the Pallas GEMV): rounding it would only add
+  work to the case that is all decode.
+  """
+  cd = np.dtype(compute_dtype)
+  f32 = np.dtype(np.float32)
+  if cd.itemsize == 4:
+    return cd, cd
+  on_cpu = jax.default_backend() == "cpu"
+  if np.dtype(operand_dtype) == cd and (
+      not on_cpu or (cd == np.dtype(jnp.bfloat16) and rows >= _MIN_ROWS_16BIT)):
+    return cd, cd
+  return (f32, f32) if on_cpu and rows == 1 else (cd, f32)
+
+
+def _weight_steps(w: Quantized4bit, rows: int, round_dtype, dot_dtype):
+  """``(n_steps, step)``: ``step(i, after)`` -> ``(even plane, odd plane)`` of the rows from
+  ``min(i * rows, out - rows)`` on, ``(rows, in / 2)`` in ``dot_dtype``, decoded only once
+  ``after`` (the previous step's result) exists. The last step may redo rows of the one
+  before: whole-row steps keep every block inside one step."""
+  n_out, n_in = w.matrix_shape
+  bs = w.state.blocksize
+  packed = _fourbit.storage_bytes(w.packed)
+  absmax = unnest_absmax(w.state)
+
+  def step(i, after=None):
+    start = min(i * rows, n_out - rows)
+    if after is not None:  # a data dependence on the previous step's result orders the steps
+      start = jax.lax.optimization_barrier((jnp.int32(start), after))[0]
+    p = jax.lax.dynamic_slice_in_dim(packed, start * (n_in // 2), rows * n_in // 2)
+    a = jax.lax.dynamic_slice_in_dim(absmax, start * n_in // bs, rows * n_in // bs)
+    even, odd = _fourbit.dequantize_planes(p, a, w.state.quant_type, bs, round_dtype)
+    shape = (rows, n_in // 2)
+    return even.astype(dot_dtype).reshape(shape), odd.astype(dot_dtype).reshape(shape)
+  return -(-n_out // rows), step
+
+
+def _loop(n_steps, body, init):
+  """``body(i, carry)`` for i in 0..n_steps-1, unrolled: a fori_loop would copy a weight that
+  is not a plain buffer (a layer sliced out of a scanned stack) into its loop state. Each step
+  decodes after the one before has finished (see ``_weight_steps``), so the steps' planes are
+  never alive together and share one buffer."""
+  carry = init
+  for i in range(n_steps):
+    carry = body(i, carry)
+  return carry
+
+
+_NT = (((1,), (1,)), ((), ()))  # (M, K) x (N, K) -> (M, N)
+_NN = (((1,), (0,)), ((), ()))  # (M, N) x (N, K) -> (M, K)
+
+
+@jax.custom_vjp
+def _linear_xla(x2, w):
+  """float32 ``(M, in) @ W.T`` from the packed weight (see the section comment)."""
+  m = x2.shape[0]
+  n_out, n_in = w.matrix_shape
+  round_dt, dot_dt = _plane_dtypes(w.compute_dtype, m, np.dtype(w.compute_dtype))
+  xc = x2.astype(w.compute_dtype).astype(dot_dt)  # x rounded to the compute dtype, as bnb
+  x_even, x_odd = xc[:, 0::2], xc[:, 1::2]
+  rows = _row_step(w, m, dot_dt.itemsize)
+  n_steps, step = _weight_steps(w, rows, round_dt, dot_dt)
+
+  def body(i, parts):
+    even, odd = step(i, parts[-1] if parts else None)
+    part = (jax.lax.dot_general(x_even, even, _NT, preferred_element_type=jnp.float32)
+            + jax.lax.dot_general(x_odd, odd, _NT, preferred_element_type=jnp.float32))
+    return parts + [part]
+  parts = _loop(n_steps, body, [])
+  if n_steps > 1 and n_out % rows:  # the last step redid rows of the one before
+    parts[-1] = parts[-1][:, rows - n_out % rows:]
+  return jnp.concatenate(parts, axis=1) if n_steps > 1 else parts[0]
+
+
+def _linear_xla_fwd(x2, w):
+  return _linear_xla(x2, w), (w, jax.ShapeDtypeStruct(x2.shape, x2.dtype))
+
+
+def _linear_xla_bwd(res, g):
+  """dx = g @ W, W decoded again step by step (never saved); the weight gets no cotangent."""
+  w, x_spec = res
+  m = g.shape[0]
+  n_out, n_in = w.matrix_shape
+  cd = np.dtype(w.compute_dtype)
+  # g holds x.dtype values (the output was cast to it): it meets W in 16 bits only when that
+  # loses nothing, as bnb's backward multiplies in grad_output's dtype.
+  round_dt, dot_dt = _plane_dtypes(cd, m, np.dtype(x_spec.dtype))
+  gc = g.astype(dot_dt)
+  rows = _row_step(w, m, dot_dt.itemsize)
+  n_steps, step = _weight_steps(w, rows, round_dt, dot_dt)
+
+  def body(i, acc):
+    start = min(i * rows, n_out - rows)
+    even, odd = step(i, acc if i else None)
+    # Rows an earlier step already did (the last step's overlap) must not count twice.
+    gb = jax.lax.slice_in_dim(gc, start, start + rows, axis=1)
+    if start < i * rows:
+      gb = jnp.where(jnp.arange(rows) >= i * rows - start, gb, 0)
+    return (acc[0] + jax.lax.dot_general(gb, even, _NN, preferred_element_type=jnp.float32),
+            acc[1] + jax.lax.dot_general(gb, odd, _NN, preferred_element_type=jnp.float32))
+  zeros = jnp.zeros((m, n_in // 2), jnp.float32)
+  dx_even, dx_odd = _loop(n_steps, body, (zeros, zeros))
+  dx = jnp.stack([dx_even, dx_odd], axis=-1).reshape(m, n_in)
+  # Through the rounding of x to the compute dtype, as the transpose of a cast does.
+  return dx.astype(cd).astype(x_spec.dtype), None
+
+
+_linear_xla.defvjp(_linear_xla_fwd, _linear_xla_bwd)
 
 
 # --- LLM.int8() ---------------------------------------------------------------------------------

@@ -185,11 +185,8 @@ def test_filter_logits_keeps_the_top_p_nucleus_and_top_k(values, top_p, top_k):
 @pytest.mark.filterwarnings("error")  # no weight may fall back to a dequantized float copy
 @pytest.mark.parametrize("fmt,quant", [
     ("nf4", jaxbnb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
-    pytest.param("fp4-bf16", jaxbnb.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=jnp.bfloat16),
-        # Known gap (issue 14, item 2): the XLA 4-bit matmul at M=1 with bf16 compute still
-        # builds a float copy of the weight; strict, so the mark goes once the fused decode lands.
-        marks=pytest.mark.xfail(strict=True, reason="4-bit M=1 bf16 matmul copies the weight")),
+    ("fp4-bf16", jaxbnb.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=jnp.bfloat16)),
     ("int8", jaxbnb.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0))])
 def test_packed_weights_run_packed(fmt, quant):
   cfg = hf_config(tie_word_embeddings=True, num_hidden_layers=4, hidden_size=256,
