@@ -26,6 +26,13 @@ checked on restore, so damaged files give an error, never different weights.
 ``save(path, tree, force=True)`` over an existing checkpoint writes the new one beside it
 (``<path>.jaxbnb-new``), then swaps the two by renames: a save killed at any point leaves the old
 checkpoint or the complete new one, and :func:`restore` finds whichever it is.
+
+Multi-process runs (``jax.distributed``): every process calls :func:`save` and :func:`restore`
+with the same path, on a filesystem they all see. Each process writes the shards of its devices
+(Orbax writes one copy of replicated data), process 0 the skeleton; only process 0 renames or
+removes directories, between barriers. A digest is summed over the processes' shards (one
+all-gather per save or restore, two 64-bit words per array), so it equals the digest of the same
+array saved whole, and a checkpoint written by several processes restores, verified, in one.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSha
 
 from jaxbnb.functional import QuantState
 from jaxbnb.lora import LoRAArray
+from jaxbnb.optim.fourbit_state import Blockwise4bit, Rank1Moment
+from jaxbnb.optim.quantize_state import QuantizedLeaf
 from jaxbnb.optim.state import QuantizedMoment
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit
 
@@ -95,7 +104,8 @@ def register_checkpointable(cls: type, name: Optional[str] = None) -> type:
   return cls
 
 
-for _cls in (QuantState, Quantized4bit, Quantized8bit, QuantizedMoment, LoRAArray):
+for _cls in (QuantState, Quantized4bit, Quantized8bit, QuantizedMoment, Blockwise4bit,
+             Rank1Moment, QuantizedLeaf, LoRAArray):
   register_checkpointable(_cls, _cls.__name__)
 
 
@@ -176,12 +186,10 @@ def _block_sums(u: np.ndarray, start: tuple[int, ...], gshape: tuple[int, ...]) 
   return s0 & _M64, s1 & _M64
 
 
-def _digest(x) -> Optional[str]:
-  """Layout-independent checksum of an array's elements (any sharding gives the same value);
-  None for arrays this process cannot see in full (multi-process)."""
+def _local_sums(x) -> tuple[int, int]:
+  """``_block_sums`` over the blocks of ``x`` this process holds: replica 0 of each of its
+  shards, so that the blocks of all processes together cover the array exactly once."""
   if isinstance(x, jax.Array):
-    if not x.is_fully_addressable:
-      return None
     blocks = [(s.index, s.data) for s in x.addressable_shards if s.replica_id == 0]
   else:
     blocks = [((), x)]
@@ -195,7 +203,27 @@ def _digest(x) -> Optional[str]:
     start = start + (0,) * (len(gshape) - len(start))
     b0, b1 = _block_sums(u, start, gshape)
     s0, s1 = (s0 + b0) & _M64, (s1 + b1) & _M64
-  return f"{s0:016x}{s1:016x}"
+  return s0, s1
+
+
+def _digests(arrays: list) -> list[str]:
+  """Layout-independent checksums of ``arrays``' elements (any sharding gives the same value).
+
+  An array spread over several processes is summed over all of them, by one collective for
+  the whole list: in a multi-process run every process must call this with the same list.
+  """
+  sums = [_local_sums(x) for x in arrays]
+  spread = [i for i, x in enumerate(arrays)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable]
+  if spread:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    local = np.array([sums[i] for i in spread], np.uint64)
+    # uint32 words: JAX without x64 would narrow uint64. (processes, k, 2) after the view.
+    every = np.asarray(multihost_utils.process_allgather(local.view(np.uint32)))
+    total = every.view(np.uint64).sum(axis=0, dtype=np.uint64)  # wraps: modulo 2**64
+    for j, i in enumerate(spread):
+      sums[i] = (int(total[j, 0]), int(total[j, 1]))
+  return [f"{s0:016x}{s1:016x}" for s0, s1 in sums]
 
 
 # --- encoding a tree ---------------------------------------------------------------------------
@@ -245,9 +273,9 @@ def _check_json_key(k, where):
 class _Encoder:
   """Builds the skeleton and the flat {key: array} dict of a tree."""
 
-  def __init__(self, with_digest: bool):
+  def __init__(self):
     self.flat: dict[str, Any] = {}
-    self.with_digest = with_digest
+    self.nodes: list[dict] = []  # array nodes, in self.flat's order; digests filled in later
 
   def name(self, parts: list[str]) -> str:
     base = ".".join(parts) or "_"
@@ -270,8 +298,10 @@ class _Encoder:
         x = jax.random.key_data(x)
       key = self.name(parts)
       self.flat[key] = x
-      return {"t": "array", "key": key, "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name,
-              "digest": _digest(x) if self.with_digest else None, **extra}
+      node = {"t": "array", "key": key, "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name,
+              "digest": None, **extra}
+      self.nodes.append(node)
+      return node
     if isinstance(x, (bool, int, float, str)):
       return {"t": "value", "value": x}
     if isinstance(x, jax.ShapeDtypeStruct):
@@ -308,8 +338,11 @@ def _tree_sha256(node: dict) -> str:
 
 
 def _metadata(tree, with_digest=True) -> tuple[dict[str, Any], dict]:
-  enc = _Encoder(with_digest)
+  enc = _Encoder()
   node = enc.encode(tree, [])
+  if with_digest:  # all at once: one collective in a multi-process run
+    for n, d in zip(enc.nodes, _digests([enc.flat[n["key"]] for n in enc.nodes])):
+      n["digest"] = d
   return enc.flat, {"format": FORMAT, "version": FORMAT_VERSION, "tree": node,
                     "tree_sha256": _tree_sha256(node)}
 
@@ -357,6 +390,13 @@ def _settle(path: epath.Path) -> None:
     _remove(tmp)
 
 
+def _sync(name: str) -> None:
+  """A barrier across the processes of a multi-process run (nothing in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"jaxbnb.checkpoint.{name}")
+
+
 def save(path: Union[str, os.PathLike], tree: Any, *, force: bool = False) -> None:
   """Save ``tree`` (quantized leaves, QuantStates, arrays, registered dataclasses) to ``path``.
 
@@ -364,22 +404,33 @@ def save(path: Union[str, os.PathLike], tree: Any, *, force: bool = False) -> No
   ``force=True`` replaces an existing checkpoint atomically: the new one is written beside it
   and swapped in by renames, so a save killed at any moment leaves the old checkpoint or the
   complete new one (never neither).
+
+  In a multi-process run every process calls ``save`` with the same ``path`` (on a filesystem
+  they all see) and the same tree of global arrays: each process writes the shards it holds
+  (one copy of replicated ones), process 0 the metadata, and only process 0 renames or removes
+  directories, between barriers.
   """
   path = _abs(path)
-  _settle(path)
+  args = save_args(tree)  # (its digests are a collective in a multi-process run)
+  primary = jax.process_index() == 0
+  _sync("save:start")  # no process still checks or reads what process 0 may move next
+  if primary:
+    _settle(path)
+  _sync("save:settled")
   if path.exists() and not force:
     raise FileExistsError(f"{path} exists; pass force=True to replace it")
-  args = save_args(tree)
   ocp = _ocp()
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  if not path.exists():
+  if not path.exists():  # every process saw the same answer; Orbax's save starts by a barrier
     checkpointer.save(path, args=args)
     return
   new, old = _sibling(path, _NEW_SUFFIX), _sibling(path, _OLD_SUFFIX)
   checkpointer.save(new, args=args)  # complete (Orbax renames its tmp dir) or absent
-  os.rename(path, old)
-  os.rename(new, path)
-  _remove(old)
+  if primary:
+    os.rename(path, old)
+    os.rename(new, path)
+    _remove(old)
+  _sync("save:swapped")  # on return, every process finds the new checkpoint at path
 
 
 # --- restoring ---------------------------------------------------------------------------------
@@ -585,7 +636,8 @@ def _is_sharding_leaf(x) -> bool:
 
 def _shardings(sharding, abstract, slots) -> list[Sharding]:
   """One sharding per array slot (slots are in jax leaf order)."""
-  default = SingleDeviceSharding(jax.devices()[0])
+  # A device of this process: in a multi-process run each process gets the whole array.
+  default = SingleDeviceSharding(jax.local_devices()[0])
   if sharding is None:
     per_leaf = [(None, False)] * len(slots)
   elif isinstance(sharding, Sharding):
@@ -629,12 +681,16 @@ def restore(path, target: Any = None, *, step: Optional[int] = None, sharding: A
     sharding: a ``jax.sharding.Sharding`` for every array (a ``NamedSharding`` that does not fit
       an array's rank or divisibility, such as a scalar offset, replicates it on the same mesh),
       or a tree of shardings (a prefix of the restored tree; ``None`` entries use the default).
-      Default: each target leaf's own sharding, else the first device. Arrays are read straight
-      into their shards (never gathered on one device first).
+      Default: each target leaf's own sharding, else this process's first device (in a
+      multi-process run, every process gets the whole array). Arrays are read straight into
+      their shards (never gathered on one device first).
     verify: check every array against the digest recorded at save time.
 
   Returns:
     The tree, with ``jax.Array`` leaves (``np.ndarray`` where the target leaf is one).
+
+  In a multi-process run every process calls ``restore`` (Orbax synchronizes them, and the
+  digests of arrays spread over processes are summed by a collective).
 
   Raises:
     CheckpointError: no finished checkpoint, damaged or missing files, digest mismatch.
@@ -664,10 +720,10 @@ def restore(path, target: Any = None, *, step: Optional[int] = None, sharding: A
                             f"{str(e)[:500]})") from e
     if set(restored) != set(want):
       raise CheckpointError(f"{where}: arrays {sorted(set(want) - set(restored))} are missing")
-    if verify:
-      for node, _ in arrays:
-        d = node.get("digest")
-        if d is not None and _digest(restored[node["key"]]) != d:
+    if verify:  # all at once: one collective in a multi-process run
+      checked = [node for node, _ in arrays if node.get("digest") is not None]
+      for node, d in zip(checked, _digests([restored[node["key"]] for node in checked])):
+        if d != node["digest"]:
           raise CheckpointError(f"{where}: array {node['key']!r} is damaged (its digest differs "
                                 "from the one recorded at save time)")
   leaves = []

@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxbnb.functional import _checks
+
+
+# Logical axis names that mark a stack axis (Linen ``nn.Partitioned`` names, NNX sharding
+# metadata), besides the plain-name keys of ``stacked_axes``.
+STACK_AXIS_NAMES = ("layers", "layer", "experts", "expert")
 
 
 def _dtype(value, field: str) -> np.dtype:
@@ -48,6 +53,14 @@ class BitsAndBytesConfig:
     blocksize: 4-bit blocksize (bnb: 64).
     quantize_embeddings: also quantize embedding tables (leaves named ``embedding``); rows are
       dequantized on lookup. transformers leaves them in 16-bit (the default).
+    stacked_axes: ``{pattern: n}``: leaves whose path matches ``pattern`` (the rules of
+      ``llm_int8_skip_modules``) have ``n`` leading axes that index separate weights (scanned
+      layers, MoE experts); each slice is quantized as if it stood alone. Stacks the model
+      marks itself are found without it: leading logical axis names (Linen
+      ``nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})``, NNX
+      ``transform_metadata``) that are ``"layers"``, ``"layer"``, ``"experts"``, ``"expert"``
+      or a plain-name key of ``stacked_axes``. The shape alone never makes a stack (an
+      unmarked 3-D kernel is a ``DenseGeneral`` kernel). See the guide's *Stacked weights*.
   """
 
   load_in_8bit: bool = False
@@ -62,6 +75,11 @@ class BitsAndBytesConfig:
   bnb_4bit_quant_storage: Any = jnp.uint8
   blocksize: int = 64
   quantize_embeddings: bool = False
+  stacked_axes: Optional[Mapping[str, int]] = None
+
+  def __hash__(self):  # stacked_axes is a dict: hash its items
+    return hash(tuple((f.name, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                      for f in dataclasses.fields(self) for v in (getattr(self, f.name),)))
 
   def __post_init__(self):
     for f in ("load_in_8bit", "load_in_4bit", "llm_int8_enable_fp32_cpu_offload",
@@ -91,6 +109,13 @@ class BitsAndBytesConfig:
       raise ValueError("llm_int8_skip_modules must be a list of strings, e.g. ['lm_head']")
     object.__setattr__(self, "llm_int8_skip_modules",
                        ("lm_head",) if skip is None else tuple(skip))
+    stacked = {} if self.stacked_axes is None else self.stacked_axes
+    if not isinstance(stacked, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        and v >= 1 for k, v in stacked.items()):
+      raise ValueError(f"stacked_axes must map path patterns to a count of leading stack axes "
+                       f"(an int >= 1), e.g. {{'layers': 1}}; got {self.stacked_axes!r}")
+    object.__setattr__(self, "stacked_axes", {k: int(v) for k, v in stacked.items()})
     object.__setattr__(self, "bnb_4bit_compute_dtype",
                        _dtype(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype"))
     object.__setattr__(self, "bnb_4bit_quant_storage",

@@ -10,7 +10,9 @@ Example::
   grads = jax.grad(loss)(adapters, batch)                  # adapters only; the base stays packed
 
 The adapted weight is ``W + (alpha / rank) * A @ B`` (A random, B zero at init, as in LoRA), but
-``W`` is never materialized in float: the base product goes through the quantized matmul
+``W`` is never materialized in float. A stacked base (scanned layers, MoE experts) gets stacked
+adapters, ``A`` ``(*stack, in, r)`` and ``B`` ``(*stack, r, out)``: one adapter per slice, sliced
+with it by ``lax.scan``. Otherwise: the base product goes through the quantized matmul
 (whose backward re-dequantizes), the adapter product is ``((x @ A) @ B) * scale``.
 """
 
@@ -87,13 +89,16 @@ class LoRAArray(QuantizedArray):
 
   shape = property(lambda self: tuple(self.base.shape))
   dtype = property(lambda self: self.base.dtype)
+  # One adapter per slice of a stacked base: A's leading axes are the stack's.
+  stack_shape = property(lambda self: tuple(getattr(self.a, "shape", (0, 0))[:-2]))
   transposed = property(lambda self: getattr(self.base, "transposed", True))
   n_in = property(lambda self: getattr(self.base, "n_in", 1))
 
   def delta(self, dtype=None) -> jax.Array:
     """``scale * A @ B`` as the logical array (a float copy: merge / fallback only)."""
     ab = (self.a @ self.b) * self.scale
-    d = ab.reshape(self.shape) if self.transposed else ab.T.reshape(self.shape)
+    full = (*self.stack_shape, *self.shape)
+    d = ab.reshape(full) if self.transposed else jnp.swapaxes(ab, -1, -2).reshape(full)
     return d.astype(dtype or self.dtype)
 
   def dequantize(self, dtype=None) -> jax.Array:
@@ -102,6 +107,13 @@ class LoRAArray(QuantizedArray):
 
   def lora_dot(self, x, dims, w_is_lhs, out_dtype) -> jax.Array:
     """The adapter's share of ``dot_general(x, W, dims)`` (logical dims)."""
+    if self.stack_shape:  # one adapter per slice, as the base's product runs
+      from jaxbnb import stacked  # noqa: PLC0415 - stacked builds on the ops below lora
+
+      y = stacked.dot_general(x, self, dims, w_is_lhs, jnp.float32,
+                              lambda xs, ws, d: ws.lora_dot(xs, d, w_is_lhs, out_dtype))
+      if y is not None:
+        return y
     (xc, wc), (xb, wb) = ((dims[0][1], dims[0][0]), (dims[1][1], dims[1][0])) if w_is_lhs \
         else dims
     in_axes, out_axes, _, _ = _in_out(self)
@@ -158,10 +170,11 @@ def init(params: Any, config: LoRAConfig, key: jax.Array,
     n_in = math.prod(leaf.shape[a] for a in in_axes)
     n_out = math.prod(leaf.shape[a] for a in out_axes)
     bound = 1 / math.sqrt(n_in)
+    stack = tuple(getattr(leaf, "stack_shape", ()))  # a stacked base: one adapter per slice
     adapters[path] = {
-        "a": jax.random.uniform(jax.random.fold_in(key, i), (n_in, config.rank), dtype,
+        "a": jax.random.uniform(jax.random.fold_in(key, i), (*stack, n_in, config.rank), dtype,
                                 -bound, bound),
-        "b": jnp.zeros((config.rank, n_out), dtype)}
+        "b": jnp.zeros((*stack, config.rank, n_out), dtype)}
   if not adapters:
     raise ValueError("jaxbnb.lora.init: no weight matched the targets; quantize the model "
                      "first or check LoRAConfig.targets")
@@ -184,6 +197,12 @@ def attach(params: Any, adapters: dict, config: LoRAConfig,
     ad = adapters[path]
     # crc32, not hash(): Python salts str hashes per process, dropout must be reproducible.
     leaf_rng = None if rng is None else jax.random.fold_in(rng, zlib.crc32(path.encode()) % (2**31))
+    stack = tuple(getattr(leaf, "stack_shape", ()))
+    if stack != tuple(ad["a"].shape[:-2]):
+      raise ValueError(f"{path}: adapters for stack {tuple(ad['a'].shape[:-2])} on a base with "
+                       f"stack axes {stack}; make them with jaxbnb.lora.init on these params")
+    if leaf_rng is not None and stack:  # a key per slice, sliced with the stack
+      leaf_rng = jax.random.split(leaf_rng, stack)
     return LoRAArray(base=leaf, a=ad["a"], b=ad["b"], rng=leaf_rng, scale=config.scale,
                      dropout=config.dropout)
 
@@ -205,7 +224,7 @@ def merge(params: Any, adapters: dict, config: LoRAConfig,
 
 def count_params(tree: Any) -> int:
   """Number of values in ``tree`` (quantized leaves count their logical size)."""
-  return sum(x.size if is_quantized(x) else int(np.prod(x.shape))
+  return sum(x.size * math.prod(x.stack_shape) if is_quantized(x) else int(np.prod(x.shape))
              for x in jax.tree.leaves(tree, is_leaf=is_quantized) if hasattr(x, "shape"))
 
 

@@ -37,8 +37,11 @@ DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
 
 
 def _dot_f32(lhs, rhs, dims):
-  """dot_general with float32 accumulation. XLA:CPU has no 16-bit x 16-bit -> f32 dot, so there
-  the operands are widened first (exact: 16-bit products fit float32)."""
+  """dot_general with float32 accumulation; on CPU, 16-bit operands are widened to float32
+  first (exact: 16-bit products fit float32). XLA:CPU does have a fast bf16 x bf16 -> f32 GEMM
+  (YNNPACK) from two lhs rows on, which the fused 4-bit path uses directly; this generic helper
+  (the outlier product, the backward passes, the generic dequantize-then-dot) keeps the widening,
+  which also covers float16 and one-row products (a naive loop in 16 bits)."""
   if jax.default_backend() == "cpu" and lhs.dtype.itemsize < 4:
     lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
   return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
@@ -48,6 +51,10 @@ def _sharded(fn, x, w, bias, dense_fn=None):
   """``fn(x, w, bias)``; under an Explicit mesh (see ``jaxbnb._explicit``) its output is
   sharded as ``dense_fn(x, W)`` would be, ``W`` the logical array with the weight's shards
   (default: ``x @ M.T``, ``M`` the ``(out, in)`` matrix)."""
+  if w.stack_shape:
+    raise ValueError(f"a stacked quantized weight (stack axes {w.stack_shape}, one weight "
+                     f"{w.shape}) is not one matrix: index a slice (w[i]) for a linear layer, "
+                     "or run the model through jaxbnb.intercept (scan, einsum, ragged_dot)")
   def specs(mesh, out):
     def typed(shape, dtype, spec):
       return jax.ShapeDtypeStruct(shape, dtype,
@@ -123,6 +130,8 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
   x, w = (rhs, lhs) if w_is_lhs else (lhs, rhs)
   dims = jax.tree.map(int, dimension_numbers)
   dims = (tuple(map(tuple, dims[0])), tuple(map(tuple, dims[1])))
+  if w.stack_shape:  # a stack of weights (layers, experts): one packed product per slice
+    return _stacked_qdot(x, w, dims, w_is_lhs, out_dtype, backend)
   if isinstance(w, Quantized8bit):
     int8_case = None if w_is_lhs else _as_int8_linear(x, w, dims, backend)
     if int8_case is not None:
@@ -140,6 +149,26 @@ def qdot_general(lhs, rhs, dimension_numbers: DimensionNumbers, *, out_dtype=Non
   dense = ((lambda x, w: jax.lax.dot_general(w, x, dims)) if w_is_lhs
            else (lambda x, w: jax.lax.dot_general(x, w, dims)))
   return _sharded(lambda x, w, _: _qdot(x, w, dims, w_is_lhs, out_dtype), x, w, None, dense)
+
+
+def _stacked_qdot(x, w, dims, w_is_lhs, out_dtype, backend):
+  """qdot_general with a stacked weight (see :mod:`jaxbnb.stacked`): its stack axes must be
+  all batch axes (dense MoE einsum, vmapped dots) or all free axes of the product."""
+  from jaxbnb import stacked  # noqa: PLC0415 - stacked builds on this module
+
+  out_dtype = np.dtype(out_dtype or x.dtype)
+
+  def per_slice(xs, ws, d):
+    lhs, rhs = (ws, xs) if w_is_lhs else (xs, ws)
+    return qdot_general(lhs, rhs, d, out_dtype=out_dtype, backend=backend)
+  y = stacked.dot_general(x, w, dims, w_is_lhs, out_dtype, per_slice)
+  if y is None:
+    raise NotImplementedError(
+        f"jaxbnb: a stacked weight (stack axes {w.stack_shape}, one weight {w.shape}) is "
+        f"contracted with dimension numbers {dims}: its stack axes must all be batch axes "
+        "(an einsum over experts) or all free axes; index the stack (leaf[i]) or dequantize it "
+        "(jaxbnb.dequantize) for other products")
+  return y
 
 
 # --- 4-bit: y = x @ W.T (+ bias) ----------------------------------------------------------------
@@ -291,17 +320,22 @@ _linear_pallas.defvjp(_linear_pallas_fwd, _linear_pallas_bwd)
 # Nothing the size of W is ever written. Other backends take one step: one decode into the
 # compute dtype (never float32 for a 16-bit compute dtype), then the dot. The two nibbles of
 # each byte are decoded as two planes (W's even and odd columns) and met by x's even and odd
-# columns, so no step interleaves anything.
+# columns, so no step interleaves anything. One row of x on CPU takes no steps and no dot over
+# W (``_gemv``): the decode and the product are one elementwise pass over the packed bytes.
 
 # Decoded planes per CPU step: at most _STEP_BYTES (they stay in cache for the dot; a bf16
 # step has twice the rows of a float32 one: fewer, larger GEMM calls) and at most
 # 1 / (2 * _FRACTION) of the weight's bf16 bytes, so that no matrix, however small, is decoded
-# whole; at most _MAX_STEPS steps (they are unrolled, see _loop).
+# whole; at most _MAX_STEPS steps (they are unrolled, see _loop). A weight whose planes fit in
+# _MIN_STEP_BYTES is decoded in one step: a cache-sized buffer, and few unrolled steps to
+# compile (32 steps of a 64 x 192 layer made a small QLoRA step compile 8x longer).
 _STEP_BYTES = 4 << 20
 _FRACTION = 8
 _MAX_STEPS = 64
+_MIN_STEP_BYTES = 256 << 10
 # XLA:CPU has a fast bf16 x bf16 -> f32 GEMM (YNNPACK) from two rows of x on; for one row it
-# falls back to a naive loop (15x slower than a float32 GEMV), so M=1 runs in float32.
+# falls back to a naive loop (15x slower than a float32 GEMV), so a one-row step (the
+# backward's g, or ``_gemv``'s fallbacks) runs in float32.
 _MIN_ROWS_16BIT = 2
 
 
@@ -317,7 +351,7 @@ def _row_step(w: Quantized4bit, m: int, itemsize: int = 4) -> Optional[int]:
     return n_out
   whole = bs // math.gcd(n_in, bs)  # the fewest rows that hold whole blocks
   rows = min(_STEP_BYTES // (n_in * itemsize), n_out // (_FRACTION * itemsize))
-  rows = max(rows, -(-n_out // _MAX_STEPS))
+  rows = max(rows, -(-n_out // _MAX_STEPS), _MIN_STEP_BYTES // (n_in * itemsize))
   return min(n_out, max(whole, rows // whole * whole))
 
 
@@ -378,10 +412,70 @@ _NT = (((1,), (1,)), ((), ()))  # (M, K) x (N, K) -> (M, N)
 _NN = (((1,), (0,)), ((), ()))  # (M, N) x (N, K) -> (M, K)
 
 
+# One input row on CPU (a GEMV) takes no dot over W at all: the product is one elementwise loop
+# over the packed bytes. Each row's blocks fall into _GEMV_GROUPS groups; the loop adds the
+# groups' terms ``(code_hi * x_even + code_lo * x_odd) * absmax`` elementwise and writes only
+# ``(out, in / (2 * groups))`` float32 partial sums, which a small dot with ones reduces. The
+# decode is all the work left: the stepped path spent ~1/3 of its CPU time in the per-step dots,
+# and on two cores more in the handoffs between its ~4 thunks a step (2026-11-27, 4096^2:
+# 1.07x dense float32 x @ W against 1.47x, same run, loaded machine). The groups' count trades
+# the partial sums' size (1/16 of W's bf16 bytes at 16) against the loop's code size: compile
+# time grows with it (0.5 s at 16, CPU time; the stepped path took 1.8 s). The partial sums
+# are 1/groups of W's bf16 bytes, so a row whose block count has no divisor from
+# _GEMV_MIN_GROUPS to _GEMV_GROUPS (1-3 blocks, or a prime count above 16) takes the stepped
+# path instead.
+_GEMV_GROUPS = 16
+_GEMV_MIN_GROUPS = 4
+
+
+def _gemv_groups(w: Quantized4bit, m: int) -> Optional[int]:
+  """Block groups per row of the one-row CPU product: the largest divisor of the row's block
+  count up to _GEMV_GROUPS; None where the path does not apply (not one row, not on CPU, rows
+  that do not hold whole blocks, or fewer than _GEMV_MIN_GROUPS groups)."""
+  n_out, n_in = w.matrix_shape
+  bs = w.state.blocksize
+  if m != 1 or n_in % bs or jax.default_backend() != "cpu":
+    return None
+  n_blocks = n_in // bs
+  groups = max(g for g in range(1, _GEMV_GROUPS + 1) if n_blocks % g == 0)
+  return groups if groups >= _GEMV_MIN_GROUPS else None
+
+
+def _gemv(x2, w, groups: int):
+  """float32 ``(1, in) @ W.T`` as one elementwise pass over the packed bytes (see above).
+
+  W is ``code * absmax`` exactly (float32), as the Pallas GEMV; x is rounded to the compute
+  dtype first, as on every path.
+  """
+  n_out, n_in = w.matrix_shape
+  bs = w.state.blocksize
+  per_group = n_in // bs // groups  # blocks per group
+  packed = _fourbit.storage_bytes(w.packed).reshape(n_out, groups, per_group, bs // 2)
+  absmax = unnest_absmax(w.state).reshape(n_out, groups, per_group, 1)
+  xc = x2.astype(w.compute_dtype).astype(jnp.float32).reshape(n_in // 2, 2)
+  # x's even and odd elements as two contiguous vectors of their own: read strided inside the
+  # loop, they cost shuffles in every iteration (vshufps/vpermpd in its assembly).
+  xe, xo = jax.lax.optimization_barrier((xc[:, 0], xc[:, 1]))
+  xe, xo = (v.reshape(groups, per_group, bs // 2) for v in (xe, xo))
+  qt = w.state.quant_type
+  total = None
+  for g in range(groups):  # unrolled: slices of one loop, never a loop of slices
+    p = packed[:, g]
+    term = (_fourbit.decode_nibbles(p, qt, True) * xe[g]
+            + _fourbit.decode_nibbles(p, qt, False) * xo[g]) * absmax[:, g]
+    total = term if total is None else total + term
+  partial = total.reshape(n_out, -1)
+  ones = jnp.ones((1, partial.shape[1]), jnp.float32)
+  return jax.lax.dot_general(ones, partial, _NT)
+
+
 @jax.custom_vjp
 def _linear_xla(x2, w):
   """float32 ``(M, in) @ W.T`` from the packed weight (see the section comment)."""
   m = x2.shape[0]
+  groups = _gemv_groups(w, m)
+  if groups is not None:
+    return _gemv(x2, w, groups)
   n_out, n_in = w.matrix_shape
   round_dt, dot_dt = _plane_dtypes(w.compute_dtype, m, np.dtype(w.compute_dtype))
   xc = x2.astype(w.compute_dtype).astype(dot_dt)  # x rounded to the compute dtype, as bnb
@@ -495,7 +589,8 @@ def _int8_linear_fwd_impl(x, w, bias, threshold, max_cols, interpret):
 
 # XLA:CPU lowers an s8 x s8 -> s32 dot with one lhs row as an s32 GEMV over a widened copy of
 # CB (64 MiB at 4096^2, ~10x slower); from a few rows on it takes the int8 GEMM (4 rows measured
-# fastest of 2..16). Padding x's codes with zero rows leaves the kept rows' results exact.
+# fastest of 2..16). Padding x's codes with zero rows leaves the kept rows' results exact. (One
+# row on CPU skips the GEMM altogether: _int8_gemv.)
 _INT8_MIN_ROWS = 4
 # At those few rows the int8 GEMM's time is repacking CB; as a batch of 8 row blocks of CB
 # (2 MiB each at 4096^2) it repacks within cache: ~10% faster at M=1, no gain from M=16 on.
@@ -519,9 +614,47 @@ def _int8_linear_impl(x, w, bias, threshold, max_cols):
   return y.astype(x.dtype)
 
 
+# One row on CPU: no dot at all. The int8 GEMM's time at one row is repacking CB (all of it,
+# every call); an elementwise int32 loop over CB instead reads it once in place (at 4096^2 about
+# half the time of the padded GEMM, a third of a dense float32 GEMV). Each row of CB is cut into
+# at most _INT8_GEMV_GROUPS groups whose products are added elementwise, so the loop writes
+# only ``(out, in / groups)`` int32 partial sums, which one reduction adds up. int32
+# throughout: exact, as the GEMM. A group keeps >= _INT8_GEMV_MIN_PER elements: LLVM left a
+# 32-element row of the loop scalar (4x slower).
+_INT8_GEMV_GROUPS = 64
+_INT8_GEMV_MIN_PER = 64
+
+
+def _int8_gemv_groups(n_in: int) -> int:
+  """Groups per row of CB for :func:`_int8_gemv`: the most (<= _INT8_GEMV_GROUPS) that divide
+  ``in`` and keep _INT8_GEMV_MIN_PER elements each; 1 for a short row."""
+  return max(g for g in range(1, _INT8_GEMV_GROUPS + 1)
+             if n_in % g == 0 and (n_in // g >= _INT8_GEMV_MIN_PER or g == 1))
+
+
+def _int8_gemv(cq, cb):
+  """Exact int32 ``(1, in) @ cb.T`` without a dot (see above)."""
+  n_out, n_in = cb.shape
+  groups = _int8_gemv_groups(n_in)
+  per = n_in // groups
+  # x's codes widened once, outside the loop, not once per group inside it.
+  xq = jax.lax.optimization_barrier(cq.reshape(groups, per).astype(jnp.int32))
+  w = cb.reshape(n_out, groups, per)
+  total = None
+  for g in range(groups):  # unrolled: slices of one loop
+    term = w[:, g].astype(jnp.int32) * xq[g]
+    total = term if total is None else total + term
+  # The partial sums as a buffer of their own, so that the loop stays elementwise (vectorized)
+  # and only this small array meets XLA:CPU's reduction, which it runs as a scalar loop.
+  partial = jax.lax.optimization_barrier(total)
+  return jnp.sum(partial, axis=1, dtype=jnp.int32)[None]
+
+
 def _int8_product(cq, cb):
   """Exact int32 ``cq @ cb.T``: int8 ``(m, in)`` x int8 ``(out, in)`` -> ``(m, out)``."""
   m, (n_out, n_in) = cq.shape[0], cb.shape
+  if m == 1 and jax.default_backend() == "cpu":
+    return _int8_gemv(cq, cb)
   if m >= _INT8_MIN_ROWS:
     return jax.lax.dot_general(cq, cb, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.int32)

@@ -2,12 +2,13 @@
 
 Each leaf stores a 2-D matrix ``W`` in bitsandbytes' ``(out, in)`` row-major layout (so bnb
 checkpoints load without re-quantization) and remembers how to give back the original array
-(its *logical* view): a Flax kernel ``(in..., out...)`` is ``W.T`` reshaped
-(``transposed=True``, ``n_in`` leading input axes); an embedding table ``(vocab, dim)`` or a
-torch-style weight ``(out, in...)`` is ``W`` reshaped (``transposed=False``).
+(its *logical* view; :mod:`jaxbnb.layout` holds the layout and sharding rules). A stacked leaf
+(scanned layers, MoE experts) holds one such matrix per slice of its leading ``stack_shape``
+axes, which every one of its arrays carries.
 
-Arrays are pytree leaves; everything else is static aux data, so leaves pass through
-``jax.jit``, sharding and Orbax like the arrays they replace.
+Arrays are pytree leaves; everything else is static aux data (one slice's description), so
+leaves pass through ``jax.jit``, ``lax.scan``, ``vmap``, sharding and Orbax like the arrays they
+replace.
 """
 
 from __future__ import annotations
@@ -21,75 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxbnb import _explicit
+from jaxbnb import _explicit, layout
 from jaxbnb.functional import QuantState
 from jaxbnb.functional import fourbit as _fourbit
 from jaxbnb.functional import int8 as _int8
 from jaxbnb.functional.blockwise import unnest_absmax
 
 
-def _matrix_shape(shape: tuple[int, ...], transposed: bool, n_in: int) -> tuple[int, int]:
-  """(out, in) of the bnb matrix behind a logical array of ``shape``."""
-  if transposed:
-    return math.prod(shape[n_in:]), math.prod(shape[:n_in])
-  return shape[0], math.prod(shape[1:])
-
-
-def _to_matrix(x: jax.Array, transposed: bool, n_in: int) -> jax.Array:
-  rows, cols = _matrix_shape(x.shape, transposed, n_in)
-  return x.reshape(cols, rows).T if transposed else x.reshape(rows, cols)
-
-
-def _from_matrix(w: jax.Array, shape, transposed: bool) -> jax.Array:
-  return w.T.reshape(shape) if transposed else w.reshape(shape)
-
-
-def _axes(ndim: int, transposed: bool, n_in: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(output axes, input axes) of a logical array."""
-  if transposed:
-    return tuple(range(n_in, ndim)), tuple(range(n_in))
-  return (0,), tuple(range(1, ndim))
-
-
-def _matrix_specs(x, transposed: bool, n_in: int, mesh) -> tuple[Any, Any]:
-  """Mesh axes of the ``(out, in)`` matrix's rows and columns, from a logical array ``x``'s
-  sharding (None where a flattening would not keep each device's slice contiguous)."""
-  spec = _explicit.spec_of(x, x.ndim)
-  outs, ins = _axes(x.ndim, transposed, n_in)
-  n_rows, n_cols = _matrix_shape(x.shape, transposed, n_in)
-  rows, cols = _explicit.leading(spec, outs), _explicit.leading(spec, ins)
-  rows = rows if n_rows % _explicit.axes_size(mesh, rows) == 0 else None
-  cols = cols if n_cols % _explicit.axes_size(mesh, cols) == 0 else None
-  return rows, cols
-
-
-def _quantized_specs(q: "QuantizedArray", rows, cols, mesh):
-  """PartitionSpec tree for a quantized leaf whose matrix rows (columns) live on ``rows``
-  (``cols``): packed streams are split in runs of whole rows; block statistics follow when
-  their blocks do not straddle a device boundary; small constants are replicated."""
-  n_rows, n_cols = q.matrix_shape
-
-  def spec(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name == ".CB":
-      return P(rows, cols)
-    if name == ".SCB":
-      return P(rows)
-    if name == ".packed":
-      per = 2 * leaf.dtype.itemsize
-      return P(_explicit.stream(mesh, rows, n_rows, n_cols, leaf.shape[0], per), None)
-    if name == ".state.absmax":
-      return P(_explicit.stream(mesh, rows, n_rows, n_cols, leaf.shape[0],
-                                q.state.blocksize))
-    if name == ".state.state2.absmax":
-      return P(_explicit.stream(mesh, rows, n_rows, n_cols, leaf.shape[0],
-                                q.state.blocksize * q.state.state2.blocksize))
-    return P(*(None,) * leaf.ndim)
-  return jax.tree_util.tree_map_with_path(spec, q)
-
-
 class QuantizedArray:
-  """Common interface of quantized leaves (array-like metadata, dequantize)."""
+  """Common interface of quantized leaves (array-like metadata, dequantize).
+
+  ``shape``/``dtype`` describe one weight (one slice of a stacked leaf); ``stack_shape`` is
+  the leading axes that every array of a stacked leaf carries (``()`` for a single weight), and
+  ``full_shape`` (``stack_shape + shape``) is the logical array's shape.
+  """
 
   shape: tuple[int, ...]
   dtype: Any
@@ -105,34 +51,53 @@ class QuantizedArray:
     return math.prod(self.shape)
 
   @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """Leading axes indexing separate weights (layers, experts); ``()`` for one weight."""
+    return layout.stack_shape(self)
+
+  @property
+  def full_shape(self) -> tuple[int, ...]:
+    """Shape of the logical array :meth:`dequantize` gives: ``stack_shape + shape``."""
+    return self.stack_shape + tuple(self.shape)
+
+  @property
   def nbytes(self) -> int:
     """Bytes actually held (packed data and every quantization constant)."""
     return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
 
   @property
   def matrix_shape(self) -> tuple[int, int]:
-    """``(out, in)`` of the stored bnb-layout matrix."""
-    return _matrix_shape(self.shape, self.transposed, self.n_in)
+    """``(out, in)`` of one slice's stored bnb-layout matrix."""
+    return layout.matrix_shape(self.shape, self.transposed, self.n_in)
+
+  def __getitem__(self, index) -> "QuantizedArray":
+    """A slice over the stack axes (``leaf[l]``, ``leaf[2:4]``), still packed: the same
+    indexing applied to every array of the leaf. Indexes only the stack axes; ``leaf[...]``
+    is the leaf itself (as NNX's ``variable[...]`` reads a value)."""
+    if index is Ellipsis:
+      return self
+    n_stack = len(self.stack_shape)
+    parts = index if isinstance(index, tuple) else (index,)
+    if n_stack == 0 or len(parts) > n_stack or any(p is Ellipsis or p is None for p in parts):
+      raise IndexError(f"a quantized leaf indexes only its stack axes {self.stack_shape} "
+                       f"(layers, experts); got {index!r}. Dequantize it "
+                       "(jaxbnb.dequantize) to index the weight itself.")
+    return jax.tree.map(lambda a: a[index], self)
 
   def dequantize(self, dtype=None) -> jax.Array:
-    """The logical array (original shape), in ``dtype`` (default: the original dtype)."""
-    run = lambda q: _from_matrix(q.dequantize_matrix(dtype), q.shape, q.transposed)
+    """The logical array (``full_shape``), in ``dtype`` (default: the original dtype)."""
+    one = lambda q: layout.from_matrix(q.dequantize_matrix(dtype), q.shape, q.transposed)
+    run = lambda q: layout.map_slices(one, len(q.stack_shape), q)
     return _explicit.call(run, (self,), lambda mesh, _: self.logical_spec(mesh))
 
   def matrix_specs(self, mesh) -> tuple[Any, Any]:
-    """Mesh axes holding the ``(out, in)`` matrix's rows and columns (None: replicated)."""
-    if isinstance(self, Quantized8bit):
-      return _explicit.spec_of(self.CB, 2)
-    return _explicit.spec_of(self.packed, 2)[0], None
+    """Mesh axes holding one slice's ``(out, in)`` matrix rows and columns (None: replicated)."""
+    del mesh
+    return layout.matrix_specs(self)
 
   def logical_spec(self, mesh) -> P:
-    """The PartitionSpec of the logical array that corresponds to :meth:`matrix_specs`."""
-    spec = [None] * self.ndim
-    outs, ins = _axes(self.ndim, self.transposed, self.n_in)
-    for axes, entry in zip((outs, ins), self.matrix_specs(mesh)):
-      if axes and entry is not None and self.shape[axes[0]] % _explicit.axes_size(mesh, entry) == 0:
-        spec[axes[0]] = entry
-    return P(*spec)
+    """The PartitionSpec of the logical array that corresponds to the leaf's shards."""
+    return layout.logical_spec(self, mesh)
 
   def dequantize_matrix(self, dtype=None) -> jax.Array:  # pragma: no cover - abstract
     raise NotImplementedError
@@ -225,38 +190,51 @@ def is_quantized(x) -> bool:
 
 def quantize_4bit_array(x: jax.Array, *, transposed: bool, n_in: int = 1, blocksize: int = 64,
                         quant_type: str = "nf4", compress_statistics: bool = False,
-                        quant_storage=jnp.uint8, compute_dtype=jnp.float32) -> Quantized4bit:
-  """Quantize a logical array (e.g. a Flax kernel) to a :class:`Quantized4bit` leaf."""
-  def run(x):
+                        quant_storage=jnp.uint8, compute_dtype=jnp.float32,
+                        n_stack: int = 0) -> Quantized4bit:
+  """Quantize a logical array (e.g. a Flax kernel) to a :class:`Quantized4bit` leaf.
+
+  ``n_stack`` leading axes of ``x`` index separate weights (scanned layers, experts): each
+  slice is quantized exactly as if it stood alone, and every array of the leaf carries them.
+  """
+  def one(x):
     packed, state = _fourbit.quantize_4bit(
-        _to_matrix(x, transposed, n_in), blocksize=blocksize, quant_type=quant_type,
+        layout.to_matrix(x, transposed, n_in), blocksize=blocksize, quant_type=quant_type,
         compress_statistics=compress_statistics, quant_storage=quant_storage)
     return Quantized4bit(packed=packed, state=state, shape=tuple(x.shape),
                          dtype=np.dtype(x.dtype), transposed=transposed, n_in=n_in,
                          compute_dtype=np.dtype(compute_dtype))
-  return _quantize_sharded(run, jnp.asarray(x), transposed, n_in)
+  return _quantize(one, jnp.asarray(x), n_stack)
 
 
-def _quantize_sharded(run, x, transposed: bool, n_in: int):
-  """``run(x)``; under an Explicit mesh, its packed streams sharded by ``x``'s output rows."""
-  def specs(mesh, out):
-    rows, cols = _matrix_specs(x, transposed, n_in, mesh)
-    return _quantized_specs(out, rows, cols, mesh)
+def _quantize(one, x, n_stack: int):
+  """``one`` on each slice of ``x`` (see :func:`jaxbnb.layout.map_slices`); under an Explicit
+  mesh, the leaf is sharded as :func:`jaxbnb.layout.quantized_specs` says."""
+  _check_stack(x, n_stack)
+  run = lambda x: layout.map_slices(one, n_stack, x, one_by_one=True)
+  specs = lambda mesh, out: layout.quantized_specs(out, _explicit.spec_of(x, x.ndim), mesh)
   return _explicit.call(run, (x,), specs)
 
 
+def _check_stack(x, n_stack: int) -> None:
+  if not isinstance(n_stack, int) or n_stack < 0 or (n_stack and x.ndim - n_stack < 2):
+    raise ValueError(f"n_stack={n_stack!r} leading stack axes leave a weight of rank "
+                     f"{x.ndim - n_stack if isinstance(n_stack, int) else '?'} in an array of "
+                     f"shape {x.shape}; each slice must be a weight of rank >= 2")
+
+
 def quantize_8bit_array(x: jax.Array, *, transposed: bool, n_in: int = 1,
-                        threshold: float = 6.0) -> Quantized8bit:
+                        threshold: float = 6.0, n_stack: int = 0) -> Quantized8bit:
   """Quantize a logical array to a :class:`Quantized8bit` leaf (row-wise int8, bnb's CB/SCB).
 
-  Like bnb's ``Int8Params``, a float32/float16 weight is rounded to float16 first; bfloat16
-  weights are quantized from their own values (float16 could overflow them).
+  Like bnb's ``Int8Params``, a float32/float16 weight is rounded to float16 first, except
+  values past float16's range, which keep their float32 value (bnb's copy would be inf, its row
+  NaN); bfloat16 weights are quantized from their own values
+  (:func:`jaxbnb.functional.int8.int8_weight_quant`). ``n_stack``: as in
+  :func:`quantize_4bit_array`.
   """
-  def run(x):
-    w = _to_matrix(x, transposed, n_in)
-    if w.dtype != jnp.bfloat16:
-      w = w.astype(jnp.float16)
-    cb, scb, _ = _int8.int8_vectorwise_quant(w)
+  def one(x):
+    cb, scb = _int8.int8_weight_quant(layout.to_matrix(x, transposed, n_in))
     return Quantized8bit(CB=cb, SCB=scb, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
                          transposed=transposed, n_in=n_in, threshold=float(threshold))
-  return _quantize_sharded(run, jnp.asarray(x), transposed, n_in)
+  return _quantize(one, jnp.asarray(x), n_stack)

@@ -7,6 +7,10 @@ Which leaves are quantized (transformers' rule, by leaf name):
   * ``embedding`` (``nn.Embed``/``nnx.Embed`` tables): only with ``quantize_embeddings=True``;
   * everything else (biases, norms, scalars, integer leaves) is left alone, as are paths
     matching ``llm_int8_skip_modules``.
+
+Stacked weights (scanned layers, MoE experts): a leaf with ``n`` leading stack axes, named by
+``stacked_axes`` or marked by the model's own axis metadata, is quantized slice by slice and its
+rule (above) applies to each slice.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbnb.config import BitsAndBytesConfig
+from jaxbnb.config import STACK_AXIS_NAMES, BitsAndBytesConfig
 from jaxbnb.qtensor import (Quantized4bit, Quantized8bit, QuantizedArray, is_quantized,
                             quantize_4bit_array, quantize_8bit_array)
 
@@ -63,14 +67,59 @@ def _layout(name: str, leaf, cfg: BitsAndBytesConfig) -> Optional[tuple[bool, in
   return None
 
 
-def _quantize_leaf(leaf, transposed: bool, n_in: int, cfg: BitsAndBytesConfig):
+def _quantize_leaf(leaf, transposed: bool, n_in: int, cfg: BitsAndBytesConfig,
+                   n_stack: int = 0):
   if cfg.load_in_4bit:
     return quantize_4bit_array(
         leaf, transposed=transposed, n_in=n_in, blocksize=cfg.blocksize,
         quant_type=cfg.bnb_4bit_quant_type, compress_statistics=cfg.bnb_4bit_use_double_quant,
-        quant_storage=cfg.bnb_4bit_quant_storage, compute_dtype=cfg.bnb_4bit_compute_dtype)
+        quant_storage=cfg.bnb_4bit_quant_storage, compute_dtype=cfg.bnb_4bit_compute_dtype,
+        n_stack=n_stack)
   return quantize_8bit_array(leaf, transposed=transposed, n_in=n_in,
-                             threshold=cfg.llm_int8_threshold)
+                             threshold=cfg.llm_int8_threshold, n_stack=n_stack)
+
+
+def _axis_names(box) -> Optional[tuple]:
+  """Logical axis names a Flax box carries: Linen ``nn.Partitioned``/``LogicallyPartitioned``
+  ``names``, NNX ``Variable`` sharding metadata; None for anything else."""
+  names = getattr(box, "names", None)
+  if names is None and hasattr(box, "get_metadata"):
+    meta = box.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+      if isinstance(meta.get(key), (tuple, list)):
+        names = meta[key]
+        break
+  return tuple(names) if isinstance(names, (tuple, list)) else None
+
+
+def _marked_stacks(params, config: BitsAndBytesConfig) -> dict:
+  """``{path: n}`` for boxes whose first ``n`` logical axis names mark stack axes."""
+  stack_names = set(STACK_AXIS_NAMES) | {p for p in config.stacked_axes
+                                         if not any(c in p for c in "*?[.")}
+  out = {}
+  boxes = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: _axis_names(x) is not None or is_quantized(x))[0]
+  for path, box in boxes:
+    names = _axis_names(box)
+    n = 0
+    while names and n < len(names) and names[n] in stack_names:
+      n += 1
+    if n:
+      out[path_str(path)] = n
+  return out
+
+
+def stack_axes_of(name: str, leaf, config: BitsAndBytesConfig, marked: dict) -> int:
+  """Leading stack axes of the leaf at dotted path ``name``: ``config.stacked_axes`` (first
+  matching pattern), else what the model's metadata marks, else 0."""
+  for pattern, n in config.stacked_axes.items():
+    if _matches(pattern, name):
+      if leaf.ndim - n < 2:
+        raise ValueError(f"{name}: stacked_axes[{pattern!r}] = {n} leaves a weight of rank "
+                         f"{leaf.ndim - n} (shape {leaf.shape}); each slice must be a matrix")
+      return n
+  n = marked.get(name, 0)
+  return n if leaf.ndim - n >= 2 else 0
 
 
 def _check_already(leaf: QuantizedArray, path: str, cfg: BitsAndBytesConfig) -> None:
@@ -117,6 +166,7 @@ def quantize_parts(params: Any, config: BitsAndBytesConfig, *,
   """:func:`quantize` without the unused-pattern warning: ``(tree, skip patterns that
   matched)``, for callers that quantize a model in parts (one layer at a time) and warn once."""
   used = set()
+  marked = _marked_stacks(params, config)
 
   def one(path, leaf):
     name = path_str(path)
@@ -133,13 +183,14 @@ def quantize_parts(params: Any, config: BitsAndBytesConfig, *,
       return leaf
     if predicate is not None and not predicate(name, leaf):
       return leaf
-    return _quantize_leaf(leaf, *layout, config)
+    return _quantize_leaf(leaf, *layout, config, stack_axes_of(name, leaf, config, marked))
 
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized), used
 
 
 def dequantize(tree: Any) -> Any:
-  """Float arrays back in place of every quantized leaf (original shape and dtype)."""
+  """Float arrays back in place of every quantized leaf (original shape and dtype; a stacked
+  leaf gives its whole stack, ``stack_shape + shape``)."""
   return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, tree,
                       is_leaf=is_quantized)
 

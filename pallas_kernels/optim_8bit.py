@@ -107,6 +107,9 @@ def step_math(kind: str, s: Sequence[jax.Array], z: jax.Array, g: jax.Array,
   g0, ok = _finite(g)
   if kind == "adam":
     b1, c_b1, b2, c_b2, eps_root, eps_c2, scale = s[:7]
+    # Skip an element whose v increment overflows float32, as the XLA path does (issue 19 R6).
+    ok = ok & common.isfinite(c_b2 * g0 * g0)
+    g0 = jnp.where(ok, g0, 0.0)
     m_old, v_old = moments
     m_new = jnp.where(ok, (b1 * m_old + z) + (c_b1 * g0 + z), m_old)
     v_new = jnp.where(ok, (b2 * v_old + z) + (c_b2 * g0 * g0 + z), v_old)
@@ -181,7 +184,10 @@ def requantize(new: jax.Array, valid, z, lookup, code_at, ops: Ops = XLA_OPS):
     new = jnp.where(valid, new, 0.0)
   absmax = jnp.max(common.fabs(new), axis=1, keepdims=True)
   safe = jnp.where(absmax == 0, jnp.float32(1), absmax)
-  q = nearest_code(new * ops.div(jnp.ones_like(safe), safe) + z, lookup, code_at)
+  # 1/absmax is subnormal (flushed) above 2**126: scale such blocks first, as the XLA path does.
+  tiny = jnp.where(absmax > 2.0**126, jnp.float32(2.0**-32), jnp.float32(1))
+  q = nearest_code((new * tiny) * ops.div(jnp.ones_like(safe), safe * tiny) + z, lookup,
+                   code_at)
   return q.astype(jnp.uint8), absmax
 
 

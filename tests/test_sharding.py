@@ -1,5 +1,7 @@
 """Quantized leaves under jit with NamedSharding over 8 virtual CPU devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,34 @@ def test_explicit_mode_8bit_optimizer_equals_unsharded(make):
     assert q_spec in (P("a", None), P("a", "b")), q_spec
     want_absmax = P("a") if q_spec == P("a", None) else P(None)
     assert jax.typeof(m.absmax).sharding.spec == want_absmax
+
+
+@pytest.mark.parametrize("fmt", ["nf4+dq", "int8"])
+def test_explicit_mode_stacked_layers_shard_the_stack_axis(fmt):
+  """A stack of layers sharded over 'a' (pipeline stages / layer-wise FSDP) and inside each
+  layer over 'b': the packed stack keeps both, dequantize gives them back, and a scanned
+  forward of FSDP-sharded layers equals the unsharded one."""
+  cfg = dataclasses.replace(CONFIGS[fmt], stacked_axes={"layers": 1})
+  mesh = _explicit_mesh()
+  plain = {"layers": {"kernel": jax.random.normal(jax.random.key(0), (4, 256, 512)) * 0.1}}
+  want = jaxbnb.quantize(plain, cfg)
+  x = jnp.ones((8, 256))
+
+  def forward(p, x):  # each layer: x @ kernel, first 256 features, back to replicated
+    body = lambda h, k: (jax.sharding.reshard(jnp.tanh((h @ k)[:, :256]), P()), None)
+    return jax.lax.scan(body, x, p["layers"]["kernel"])[0]
+
+  with jax.set_mesh(mesh):
+    got = jaxbnb.quantize(jax.device_put(plain, NamedSharding(mesh, P("a", None, "b"))), cfg)
+    leaf = got["layers"]["kernel"]
+    lead = leaf.CB if fmt == "int8" else leaf.packed
+    assert jax.typeof(lead).sharding.spec[:2] == ("a", "b")  # stack axis, then whole rows
+    assert jax.typeof(jaxbnb.dequantize(leaf)).sharding.spec == P("a", None, "b")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=5e-7)
+    # lax.scan needs its xs' leading axis replicated: FSDP inside each layer only.
+    fsdp = jaxbnb.quantize(jax.device_put(plain, NamedSharding(mesh, P(None, None, "b"))), cfg)
+    xs = jax.device_put(x, NamedSharding(mesh, P()))
+    y = jax.jit(jaxbnb.intercept(forward))(fsdp, xs)
+    y_ref = jax.jit(jaxbnb.intercept(forward))(want, xs)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)

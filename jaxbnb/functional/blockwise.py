@@ -9,6 +9,12 @@ block, dequantizes to NaN. With nested statistics the NaN absmax poisons its sec
 (``blocksize`` first-level blocks for 8-bit, 256 for 4-bit); the nesting offset is the mean of
 the finite absmax values only, so every other block stays exact.
 
+Extreme finite values: finite in, finite out, within the format's error bound. Where
+bitsandbytes' float32 arithmetic over- or underflows (``1 / absmax`` subnormal for absmax >
+2**126, the nested offset's sum past float32's max, a decoded nested absmax that rounds to
+inf in the output dtype) jaxbnb computes the value bitsandbytes meant; everywhere else the
+bits are bitsandbytes'.
+
 Nearest code: bitsandbytes' rule is a binary search (:func:`_search`), 7 dependent table
 lookups that XLA cannot fuse (one full-size buffer per step). On the dynamic maps
 :func:`nearest_dynamic` gives the same index from the float's bits and one bucket lookup;
@@ -20,7 +26,6 @@ and the temporaries do not grow with the array.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -47,15 +52,35 @@ def block_absmax(blocks: jax.Array) -> jax.Array:
   return jnp.where(bad, jnp.nan, absmax)
 
 
+_HUGE = np.float32(2.0**126)  # above this absmax, 1 / absmax is subnormal: flushed to zero
+_RESCALE = np.float32(2.0**-64)
+_SUM_SCALE = np.float32(2.0**-32)
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+
+
+def reciprocal(absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(rcp, post)``, float32 like ``absmax``: ``x * rcp * post`` is bnb's ``x * (1 / absmax)``.
+
+  For absmax > 2**126 bnb's reciprocal is subnormal, flushed to zero (finite values would come
+  back as 0): there ``rcp = 1 / (absmax * 2**-64)`` and ``post = 2**-64``, powers of two that
+  give the same rounding. Elsewhere ``post`` is 1 (exact), so the bits are bnb's. A zero absmax
+  (all-zero block) gets ``rcp = 1`` (bnb's 0 * inf would give NaN codes there).
+  """
+  huge = absmax > _HUGE
+  safe = jnp.where(absmax == 0, jnp.float32(1), absmax)
+  rcp = jnp.float32(1) / jnp.where(huge, safe * _RESCALE, safe)
+  return rcp, jnp.where(huge, _RESCALE, jnp.float32(1))
+
+
 def normalize(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
   """``blocks / absmax`` per row, rounded as bitsandbytes does (times the reciprocal).
 
-  An all-zero block maps to zeros (bnb's 0 * inf gives NaN codes there). Subnormal values are
-  flushed to zero by XLA on CPU and GPU (as by bnb's fast-math kernels), so a block of only
-  subnormals dequantizes to zeros.
+  An all-zero block maps to zeros; a block with absmax > 2**126 is normalized too (see
+  :func:`reciprocal`). Subnormal values are flushed to zero by XLA on CPU and GPU (as by bnb's
+  fast-math kernels), so a block of only subnormals dequantizes to zeros.
   """
-  safe = jnp.where(absmax == 0, jnp.float32(1), absmax)[:, None]
-  return blocks * (jnp.float32(1) / safe)
+  rcp, post = reciprocal(absmax)
+  return blocks.astype(jnp.float32) * rcp[:, None] * post[:, None]
 
 
 def _search(v, code, xp=jnp):
@@ -278,13 +303,34 @@ def _map_chunks(fn, n, block_size, chunk, ins, outs):
 def _nested_offset(absmax: jax.Array) -> jax.Array:
   # torch's mean is sum * (1/n); only finite entries count (the non-finite policy).
   finite = jnp.isfinite(absmax)
-  total = jnp.sum(jnp.where(finite, absmax, 0))
-  return total * (jnp.float32(1) / jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32))
+  values = jnp.where(finite, absmax, 0)
+  rcount = jnp.float32(1) / jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
+  total = jnp.sum(values)
+  # Absmax values near float32's max overflow the sum (bnb's offset is then inf, and every
+  # block NaN): sum them scaled by 2**-32 (exact) instead, which cannot overflow.
+  scaled = jnp.minimum(jnp.sum(values * _SUM_SCALE) * rcount * (1 / _SUM_SCALE), _F32_MAX)
+  return jnp.where(jnp.isinf(total), scaled, total * rcount)
+
+
+@functools.lru_cache(maxsize=None)
+def finite_limit(dtype) -> np.float32:
+  """The largest float32 that rounds to a finite value of float ``dtype`` (float32: its max).
+
+  float16: 65519.996 (65520 rounds to inf); bfloat16: just below (2 - 2**-8) * 2**127.
+  """
+  info = jnp.finfo(dtype)
+  if info.bits >= 32:
+    return _F32_MAX
+  ulp = 2.0 ** (info.maxexp - 1 - info.nmant)  # spacing of the largest binade
+  halfway = np.float32(float(info.max) + ulp / 2)  # exact: few mantissa bits
+  return np.nextafter(halfway, np.float32(0))
 
 
 def nest_absmax(absmax: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array, QuantState]:
   """Double quantization: ``(uint8 codes of absmax - offset, offset, their QuantState)``."""
-  offset = _nested_offset(absmax)
+  # The barrier keeps XLA from fusing ``absmax - sum * (1/n)`` into one FMA inside a larger
+  # program (a vmapped stack, a model): bnb rounds the offset first.
+  offset = jax.lax.optimization_barrier(_nested_offset(absmax))
   qabsmax, state2 = _quantize(absmax - offset, create_dynamic_map(), blocksize, False, True)
   return qabsmax, offset, state2
 
@@ -294,7 +340,11 @@ def unnest_absmax(state: QuantState) -> jax.Array:
   if not state.nested:
     return state.absmax.astype(jnp.float32)
   # The barrier keeps XLA from fusing code * absmax2 + offset into one FMA: bnb rounds twice.
-  return jax.lax.optimization_barrier(_dequantize(state.absmax, state.state2)) + state.offset
+  absmax = jax.lax.optimization_barrier(_dequantize(state.absmax, state.state2)) + state.offset
+  # The quantization error of the nested codes can lift a block's absmax past what the output
+  # dtype holds (fp16 data at 65504 decoding as 65532: bnb gives inf there). Clip it to the
+  # largest float32 that still rounds to a finite output: a no-op wherever bnb stays finite.
+  return jnp.minimum(absmax, finite_limit(np.dtype(state.dtype)))
 
 
 def quantize_blocks(blocks: jax.Array,
@@ -387,6 +437,8 @@ def dequantize_blockwise(q: jax.Array, state: QuantState | None = None, *,
   """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax[block]`` in ``state.dtype``.
 
   Pass ``state``, or (as bitsandbytes allows) ``absmax`` with optional ``code``/``blocksize``.
+  A state that does not fit ``q`` (another array's, a 4-bit one, an edited blocksize or a
+  truncated absmax) raises ``ValueError``.
   """
   _checks.check_uint8(q, "dequantize_blockwise")
   q = jnp.asarray(q)
@@ -398,8 +450,5 @@ def dequantize_blockwise(q: jax.Array, state: QuantState | None = None, *,
     state = QuantState(absmax=jnp.asarray(absmax, jnp.float32),
                        code=create_dynamic_map() if code is None else jnp.asarray(code),
                        blocksize=blocksize, shape=q.shape, dtype=np.dtype(dtype))
-  if state.absmax.shape[0] != math.ceil(q.size / state.blocksize):
-    raise ValueError(
-        f"dequantize_blockwise: {q.size} codes need {math.ceil(q.size / state.blocksize)} "
-        f"absmax values at blocksize {state.blocksize}; the state has {state.absmax.shape[0]}")
+  _checks.check_state(state, q.size, 8, "dequantize_blockwise")
   return _dequantize_jit(q, state)

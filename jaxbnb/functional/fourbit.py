@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbnb.functional import _checks
-from jaxbnb.functional.blockwise import nest_absmax, unnest_absmax
+from jaxbnb.functional.blockwise import nest_absmax, reciprocal, unnest_absmax
 from jaxbnb.functional.codebooks import _four_bit_np, get_4bit_type
 from jaxbnb.functional.state import QuantState
 
@@ -102,9 +102,9 @@ def block_absmax(blocks: jax.Array) -> jax.Array:
 
 def _normalize(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
   """``blocks / absmax`` as bitsandbytes rounds it (times the reciprocal); an all-zero block
-  maps to zeros (bnb's 0 * inf would give NaN codes there)."""
-  safe = jnp.where(absmax == 0, jnp.float32(1), absmax)[:, None]
-  return blocks.astype(jnp.float32) * (jnp.float32(1) / safe)
+  maps to zeros, a block with absmax > 2**126 is normalized too (:func:`reciprocal`)."""
+  rcp, post = reciprocal(absmax)
+  return blocks.astype(jnp.float32) * rcp[:, None] * post[:, None]
 
 
 def _quantize_4bit(x, blocksize, quant_type, compress_statistics, quant_storage):
@@ -216,7 +216,8 @@ def quantize_4bit(x: jax.Array, blocksize: int = 64, quant_type: str = "fp4",
     quant_type: ``"nf4"`` or ``"fp4"``.
     compress_statistics: double quantization: absmax becomes 8-bit dynamic codes of
       ``absmax - mean(absmax)`` in blocks of 256 (QLoRA's 4.127 bits/param at blocksize 64).
-    quant_storage: dtype of ``q`` (uint8, or a wider dtype over the same bytes).
+    quant_storage: dtype of ``q`` (uint8, or a wider whole-byte int/float dtype over the same
+      bytes; sub-byte dtypes such as ``jnp.int4`` raise ``ValueError``).
 
   Returns:
     ``(q, state)``: packed ``(ceil(ceil(n/2) / itemsize), 1)`` array and its ``QuantState``.
@@ -224,22 +225,31 @@ def quantize_4bit(x: jax.Array, blocksize: int = 64, quant_type: str = "fp4",
   _checks.check_float_input(x, "quantize_4bit")
   blocksize = _checks.check_blocksize(blocksize, _checks.BLOCKSIZES_4BIT, "quantize_4bit")
   quant_type = _checks.check_quant_type(quant_type)
+  storage = _checks.check_storage(quant_storage, "quantize_4bit")
   x = jnp.asarray(x)
   if x.size == 0:
     raise ValueError("quantize_4bit: x is empty")
-  return _quantize_4bit_jit(x, blocksize, quant_type, bool(compress_statistics),
-                            np.dtype(quant_storage))
+  return _quantize_4bit_jit(x, blocksize, quant_type, bool(compress_statistics), storage)
 
 
 def dequantize_4bit(q: jax.Array, state: QuantState) -> jax.Array:
-  """Inverse of :func:`quantize_4bit`: array of ``state.shape`` and ``state.dtype``."""
+  """Inverse of :func:`quantize_4bit`: array of ``state.shape`` and ``state.dtype``.
+
+  A state that does not fit ``q`` (another array's, an 8-bit one, an edited blocksize, a
+  truncated absmax) raises ``ValueError``; so do codes of the wrong size.
+  """
   if not isinstance(state, QuantState):
     raise TypeError("dequantize_4bit needs the QuantState returned by quantize_4bit")
-  _checks.check_quant_type(state.quant_type)
-  q = jnp.asarray(q)
   n = int(np.prod(state.shape, dtype=np.int64))
-  if q.size * q.dtype.itemsize * 2 < n:
+  _checks.check_state(state, n, 4, "dequantize_4bit")
+  q = jnp.asarray(q)
+  _checks.check_storage(q.dtype, "dequantize_4bit")
+  # quantize_4bit writes ceil(n / 2) bytes, padded to whole storage words; bnb's wider
+  # storage truncates to whole words instead (codes it drops are refused here too).
+  nbytes, need = q.size * q.dtype.itemsize, -(-n // 2)
+  if not need <= nbytes < need + q.dtype.itemsize:
     raise ValueError(
-        f"dequantize_4bit: q holds {q.size * q.dtype.itemsize * 2} codes, the state's shape "
-        f"{state.shape} needs {n}")
+        f"dequantize_4bit: the state's shape {tuple(state.shape)} needs {need} bytes of codes "
+        f"({n} values); q holds {nbytes} ({q.dtype} {q.shape}): pass the codes and the "
+        "QuantState that quantize_4bit returned together")
   return _dequantize_4bit_jit(q, state)

@@ -158,7 +158,13 @@ def parse_quant_state(blob, key: str = "quant_state") -> dict[str, Any]:
     off = obj["nested_offset"]
     if isinstance(off, bool) or not isinstance(off, (int, float)):
       raise ValueError(f"{key}: nested_offset must be a number; got {off!r}")
-    out["nested_offset"] = np.float32(off)
+    # JSON from Python may hold NaN/Infinity, and 1e39 becomes inf in float32: every block
+    # would dequantize to NaN/inf. bnb writes offset.item() of a finite mean.
+    with np.errstate(over="ignore"):
+      off32 = np.float32(off)
+    if not np.isfinite(off32):
+      raise ValueError(f"{key}: nested_offset must be a finite float32 number; got {off!r}")
+    out["nested_offset"] = off32
   return out
 
 
@@ -255,7 +261,14 @@ class _Reader:
       raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
     out = {}
     for name, file in weight_map.items():
-      shard = index.parent / str(file)
+      # Shards live in the index's folder (or below it): an absolute or ../ path would read
+      # a file the checkpoint does not own. Symlinks inside the folder (the Hugging Face
+      # cache's) are followed as usual.
+      rel = pathlib.PurePath(file) if isinstance(file, str) else None
+      if rel is None or rel.is_absolute() or rel.drive or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"{index}: shard {file!r} (holding {name!r}) must be a file name "
+                         "relative to the index's folder, without '..'")
+      shard = index.parent / rel
       if shard.suffix in _PICKLE_SUFFIXES:
         raise _pickle_refusal(shard)
       if not shard.is_file():

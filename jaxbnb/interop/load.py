@@ -111,6 +111,16 @@ def _target_leaves(target) -> dict[str, tuple[tuple, tuple, Any]]:
   return out
 
 
+def _castable(src, dst) -> bool:
+  """Whether a checkpoint tensor of ``src`` may fill a target leaf of ``dst``: float into float
+  (cast, as the target asks), else a lossless widening (int8 -> int32, bool -> int8)."""
+  src, dst = np.dtype(src), np.dtype(dst)
+  floating = jnp.issubdtype(src, jnp.floating), jnp.issubdtype(dst, jnp.floating)
+  if any(floating):
+    return all(floating)
+  return np.can_cast(src, dst, "safe")
+
+
 def _check_target(entries: dict, target) -> dict:
   want = _target_leaves(target)
   missing = sorted(set(want) - set(entries))
@@ -128,6 +138,10 @@ def _check_target(entries: dict, target) -> dict:
     if e["shape"] != want[n][1]:
       problems.append(f"{e['name']!r} -> {n}: shape {e['shape']}"
                       f"{' (transposed)' if e['transpose'] else ''} != target {want[n][1]}")
+    if not _castable(e["dtype"], want[n][2]):
+      problems.append(f"{e['name']!r} -> {n}: a {e['dtype']} tensor cannot fill a "
+                      f"{want[n][2]} leaf (floats are cast to the target's float dtype; other "
+                      "dtypes must widen losslessly): fix the mapping or the target's dtype")
   if problems:
     raise ValueError("load_quantized: the checkpoint does not match the target:\n  "
                      + "\n  ".join(problems))
@@ -256,8 +270,10 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
       ``"gpt"`` / ``None`` (the file holds the params' own dotted names, as ``path_str`` gives).
     target: optional abstract params (e.g. ``jax.eval_shape(lambda: nnx.state(model))`` or its
       pure dict): every target leaf must get a tensor, every tensor a target leaf, with equal
-      shapes (``ValueError`` listing what differs, raised before any data is read). Floats are
-      cast to the target's dtypes and the result uses the target's keys.
+      shapes and compatible dtypes (``ValueError`` listing what differs, raised before any data
+      is read). Floats are cast to the target's float dtypes, other tensors widened losslessly
+      (an int64 or bool tensor for a float32 leaf is refused); the result uses the target's
+      keys.
     sharding: a ``Sharding`` for every leaf, or ``(dotted path, shape) -> Sharding | None``.
       Float leaves get it (replicated on its mesh where the shape does not divide); a quantized
       leaf's arrays get its axis-0 part (when it divides, else replicated). The float tensor
@@ -293,8 +309,7 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
     want = _check_target(entries, target)
     for dotted, e in entries.items():
       e["keys"] = want[dotted][0]
-      if jnp.issubdtype(e["dtype"], jnp.floating):
-        e["out_dtype"] = want[dotted][2]
+      e["out_dtype"] = want[dotted][2]
 
   tree: dict = {}
   used: set = set()

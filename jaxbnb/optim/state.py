@@ -35,6 +35,7 @@ from jaxbnb.functional import _checks
 from jaxbnb.functional.blockwise import (dequantize_blocks, map_blocks, nearest_dynamic,
                                         normalize)
 from jaxbnb.functional.codebooks import create_dynamic_map
+from jaxbnb.optim.fourbit_state import scaled
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -105,7 +106,12 @@ def _requantize(new: jax.Array, signed: bool, valid=None) -> tuple[jax.Array, ja
   if valid is not None:
     new = jnp.where(valid, new, 0.0)
   absmax = jnp.max(jnp.abs(new), axis=1)
-  return nearest_dynamic(normalize(new, absmax), signed), absmax
+  x = normalize(new, absmax)
+  # bitsandbytes multiplies by 1/absmax, which is subnormal (flushed to 0) above 2**126: every
+  # code of such a block would read back as 0. Scale those first (elsewhere: bnb's bits).
+  big = (absmax > 2.0**126)[:, None]
+  x = jnp.where(big, scaled(new, absmax[:, None]), x)
+  return nearest_dynamic(x, signed), absmax
 
 
 def _dequantize_rows(q: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:

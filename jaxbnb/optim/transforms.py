@@ -24,6 +24,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxbnb import _backend, _explicit
+from jaxbnb.optim.fourbit_state import Blockwise4bit, Rank1Moment, is_4bit
 from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, _code, check_block_size,
                                 init_moment, read_moment, runtime_zero, update_moments,
                                 use_8bit_tree)
@@ -50,7 +51,7 @@ def _init(params, use8, *, signed: bool, block_size: int, fill: float = 0.0):
 
 
 def _is_moment(x) -> bool:
-  return isinstance(x, QuantizedMoment)
+  return isinstance(x, QuantizedMoment) or is_4bit(x)
 
 
 def _moment_spec(mesh, g, m):
@@ -62,7 +63,11 @@ def _moment_spec(mesh, g, m):
   rows = _explicit.leading(spec, tuple(range(g.ndim)))
   n_rows = g.shape[0] if g.ndim else 1
   n_cols = g.size // n_rows if n_rows else 0
+  if isinstance(m, Rank1Moment):  # rows of codes follow g's axis 0; each maximum its axis
+    return Rank1Moment(P(rows, None), tuple(P(a) for a in spec), m.shape)
   absmax = _explicit.stream(mesh, rows, n_rows, n_cols, m.absmax.shape[0], m.block_size)
+  if isinstance(m, Blockwise4bit):
+    return Blockwise4bit(P(absmax, None), P(absmax), m.signed, m.block_size, m.shape)
   return QuantizedMoment(P(*spec), P(absmax), m.signed, m.block_size)
 
 
@@ -124,7 +129,7 @@ def _map(fn, updates, *moment_trees, params=None):
   its own structure: wrappers such as ``nnx.Optimizer``'s state variables stay as they are.
   With ``params``, ``fn(g, p, *moments)``.
   """
-  is_moment = lambda x: isinstance(x, QuantizedMoment)
+  is_moment = _is_moment
   g_leaves, g_def = jax.tree.flatten(updates)
   extra = [] if params is None else [g_def.flatten_up_to(params)]
   flat = [jax.tree.flatten(t, is_leaf=is_moment) for t in moment_trees]
@@ -140,7 +145,8 @@ def _map(fn, updates, *moment_trees, params=None):
       # compute them all first, holding every leaf's float32 copy at once.
       args, _ = jax.lax.optimization_barrier((args, done))
     outs.append(fn(*args))
-    loops = [m.absmax for m in outs[-1][1:] if is_moment(m)]
+    loops = [m.absmax if isinstance(m, QuantizedMoment) else m.q
+             for m in outs[-1][1:] if is_moment(m)]
     done = loops or done
   return (g_def.unflatten([o[0] for o in outs]),
           *(d.unflatten([o[i + 1] for o in outs]) for i, (_, d) in enumerate(flat)))
@@ -159,10 +165,23 @@ def _fused(kind, interpret, scalars, g, *moments):
                for (q, a), m in zip(new, moments)))
 
 
-def _finite(g):
+def _finite(g, sq_scale=None):
+  """``(g with non-finite elements zeroed, ok)`` in float32.
+
+  ``ok``: the element is finite and, with ``sq_scale``, so is ``sq_scale * g * g`` (a second
+  moment's increment, computed as the update computes it). An element that fails is skipped
+  (moments kept, update 0), as bitsandbytes skips a NaN/Inf gradient: an increment that
+  overflows float32 would otherwise saturate its block's scale and read the rest of the block
+  back as 0 (``v = 0`` makes Adam's update ``m / eps``). Elements that pass are computed as
+  bitsandbytes computes them, bit for bit.
+  """
   g = g.astype(jnp.float32)
   ok = jnp.isfinite(g)
-  return jnp.where(ok, g, 0.0), ok
+  g0 = jnp.where(ok, g, 0.0)
+  if sq_scale is not None:
+    ok = ok & jnp.isfinite(sq_scale * g0 * g0)
+    g0 = jnp.where(ok, g0, 0.0)
+  return g0, ok
 
 
 def adam_scalars(b1, b2, eps, eps_root, count, z):
@@ -173,15 +192,16 @@ def adam_scalars(b1, b2, eps, eps_root, count, z):
   return (b1, 1 - b1, b2, 1 - b2, eps_root, eps * jnp.sqrt(c2) + z, jnp.sqrt(c2) / c1)
 
 
-def _step(fn, g, *moments):
+def _step(fn, g, *moments, sq_scale=None):
   """``(new moments stored like moments, (g0, ok, *new float32 values))`` of one leaf.
 
   The stored moments come from :func:`update_moments` (chunked); the float32 values are
   ``fn`` recomputed from the old state, elementwise: the direction built from them fuses into
-  its consumers instead of materializing a float32 copy of the moments.
+  its consumers instead of materializing a float32 copy of the moments. ``sq_scale``: as in
+  :func:`_finite` (``fn``'s own skip rule).
   """
   stored = update_moments(fn, (g,), moments)
-  g0, ok = _finite(g)
+  g0, ok = _finite(g, sq_scale)
   return stored, (g0, ok, *fn(g, *(read_moment(m) for m in moments)))
 
 
@@ -190,7 +210,7 @@ def adam_moments(scalars, z):
   b1, c_b1, b2, c_b2 = scalars[:4]
 
   def fn(g, m_old, v_old):
-    g0, ok = _finite(g)
+    g0, ok = _finite(g, c_b2)
     return (jnp.where(ok, (b1 * m_old + z) + (c_b1 * g0 + z), m_old),
             jnp.where(ok, (b2 * v_old + z) + (c_b2 * g0 * g0 + z), v_old))
   return fn
@@ -199,13 +219,13 @@ def adam_moments(scalars, z):
 def adam_direction(g, m_new, v_new, scalars):
   """float32 ``sqrt(c2)/c1 * m / (sqrt(v + eps_root) + eps*sqrt(c2))``, 0 where g is not finite."""
   eps_root, eps_c2, scale = scalars[4:]
-  _, ok = _finite(g)
+  _, ok = _finite(g, scalars[3])
   return jnp.where(ok, scale * m_new / (jnp.sqrt(v_new + eps_root) + eps_c2), 0.0)
 
 
 def adam_leaf(g, m, v, scalars, z):
   """XLA path of one leaf: ``(float32 direction, new m, new v)`` (moments stored like m, v)."""
-  (m, v), (_, _, m_new, v_new) = _step(adam_moments(scalars, z), g, m, v)
+  (m, v), (_, _, m_new, v_new) = _step(adam_moments(scalars, z), g, m, v, sq_scale=scalars[3])
   return adam_direction(g, m_new, v_new, scalars), m, v
 
 
@@ -353,11 +373,11 @@ def scale_by_rms_8bit(decay: Scalar = 0.9, eps: Scalar = 1e-8, initial_scale: fl
     z = runtime_zero()
 
     def moment(g, v_old):
-      g0, ok = _finite(g)
+      g0, ok = _finite(g, 1 - decay)
       return (jnp.where(ok, (decay * v_old + z) + ((1 - decay) * g0 * g0 + z), v_old),)
 
     def leaf(g, v):
-      (v,), (g0, ok, v_new) = _step(moment, g, v)
+      (v,), (g0, ok, v_new) = _step(moment, g, v, sq_scale=1 - decay)
       u = g0 * jax.lax.rsqrt(v_new + eps) if eps_in_sqrt else g0 / (jnp.sqrt(v_new) + eps)
       return jnp.where(ok, u, 0.0).astype(g.dtype), v
 
@@ -387,11 +407,11 @@ def scale_by_rss_8bit(initial_accumulator_value: float = 0.1, eps: Scalar = 1e-7
     z = runtime_zero()
 
     def moment(g, s_old):
-      g0, ok = _finite(g)
+      g0, ok = _finite(g, 1.0)
       return (jnp.where(ok, s_old + (g0 * g0 + z), s_old),)
 
     def leaf(g, s):
-      (s,), (g0, ok, s_new) = _step(moment, g, s)
+      (s,), (g0, ok, s_new) = _step(moment, g, s, sq_scale=1.0)
       inv = jnp.where(s_new > 0, jax.lax.rsqrt(s_new + eps), 0.0)
       return jnp.where(ok, g0 * inv, 0.0).astype(g.dtype), s
 
@@ -437,13 +457,14 @@ def scale_by_ademamix_8bit(b1: Scalar = 0.9, b2: Scalar = 0.999,
     z = runtime_zero()
 
     def moments(g, m1_old, m2_old, v_old):
-      g0, ok = _finite(g)
+      g0, ok = _finite(g, 1 - b2)
       return (jnp.where(ok, (b1 * m1_old + z) + ((1 - b1) * g0 + z), m1_old),
               jnp.where(ok, (b3_t * m2_old + z) + ((1 - b3_t) * g0 + z), m2_old),
               jnp.where(ok, (b2 * v_old + z) + ((1 - b2) * g0 * g0 + z), v_old))
 
     def leaf(g, m1, m2, v):
-      (m1, m2, v), (_, ok, m1_new, m2_new, v_new) = _step(moments, g, m1, m2, v)
+      (m1, m2, v), (_, ok, m1_new, m2_new, v_new) = _step(moments, g, m1, m2, v,
+                                                          sq_scale=1 - b2)
       u = (m1_new / c1 + (alpha_t * m2_new + z)) / (jnp.sqrt(v_new / c2 + eps_root) + eps)
       return jnp.where(ok, u, 0.0).astype(g.dtype), m1, m2, v
 
