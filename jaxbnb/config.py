@@ -123,17 +123,8 @@ class BitsAndBytesConfig:
     if not jnp.issubdtype(self.bnb_4bit_compute_dtype, jnp.floating):
       raise ValueError(f"bnb_4bit_compute_dtype must be a float dtype; got "
                        f"{self.bnb_4bit_compute_dtype}")
-    storage = self.bnb_4bit_quant_storage
-    if jnp.issubdtype(storage, jnp.integer):
-      bits = jnp.iinfo(storage).bits
-    elif jnp.issubdtype(storage, jnp.floating):
-      bits = jnp.finfo(storage).bits
-    else:
-      bits = 0  # bool, complex, ...
-    if bits != 8 * storage.itemsize:  # the packed bytes are reinterpreted as whole words
-      raise ValueError(f"bnb_4bit_quant_storage must be a whole-byte integer or float dtype "
-                       f"(uint8, bnb's default; int8, bfloat16, float16, float32, ...); got "
-                       f"{storage}")
+    # The packed bytes are reinterpreted as whole words: the same rule as quantize_4bit's.
+    _checks.check_storage(self.bnb_4bit_quant_storage, "bnb_4bit_quant_storage")
 
   @property
   def quant_method(self) -> str:

@@ -80,3 +80,18 @@ def assert_close_to_bnb_int8(y, y_ref) -> np.ndarray:
   assert diff.max() <= 0.15, diff.max()
   assert np.mean(diff <= 4e-3 * np.abs(y_ref) + 1e-3) >= 0.98
   return y
+
+
+def optimizer_step_temporaries(tx, shapes) -> tuple[int, int]:
+  """``(compiled temporaries in bytes, parameter count)`` of one jitted ``tx`` step (update +
+  apply_updates) on float32 leaves of ``shapes``; compiled from shapes only (no data)."""
+  import optax  # noqa: PLC0415 - only the optimizer tests need it
+  params = {f"w{i:02d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)}
+  state = jax.eval_shape(tx.init, params)
+
+  def step(g, s, p):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  compiled = jax.jit(step).lower(params, state, params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, sum(int(np.prod(s)) for s in shapes)

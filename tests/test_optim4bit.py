@@ -4,7 +4,6 @@ finite-in -> finite-out, compiled temporaries, checkpoints, paging, sharding, th
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import jaxbnb
 from jaxbnb import optim
 from jaxbnb.functional import blockwise as B
 from jaxbnb.optim import fourbit_state as S
+from tests import helpers
 
 MIB = 2**20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,16 +177,7 @@ def test_finite_and_bounded_after_a_gradient_spike(spike):
   assert float(jnp.max(jnp.abs(p))) < 10
 
 
-def _step_temporaries(tx, shapes):
-  params = {f"w{i:02d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)}
-  state = jax.eval_shape(tx.init, params)
-
-  def step(g, s, p):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  compiled = jax.jit(step).lower(params, state, params).compile()
-  return compiled.memory_analysis().temp_size_in_bytes, sum(math.prod(s) for s in shapes)
+_step_temporaries = helpers.optimizer_step_temporaries
 
 
 def test_adamw4bit_12_leaves_under_1_byte_per_param():

@@ -15,6 +15,7 @@ import jaxbnb
 from jaxbnb import optim
 from jaxbnb.optim.fourbit_state import SIGNED_4BIT
 from jaxbnb.optim.quantize_state import QuantizedLeaf, dequantize_leaf, quantize_leaf
+from tests import helpers
 
 _is_q = lambda x: isinstance(x, QuantizedLeaf)
 
@@ -158,16 +159,7 @@ def test_checkpoint_restores_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _temporaries(tx, shapes):
-  params = {f"w{i:02d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)}
-  state = jax.eval_shape(tx.init, params)
-
-  def step(g, s, p):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  compiled = jax.jit(step).lower(params, state, params).compile()
-  return compiled.memory_analysis().temp_size_in_bytes, sum(int(np.prod(s)) for s in shapes)
+_temporaries = helpers.optimizer_step_temporaries
 
 
 @pytest.mark.slow
