@@ -67,10 +67,16 @@ def time_calls(fns: dict, min_reps: int, max_reps: int, budget_s: float) -> dict
   for fn, args in fns.values():
     jax.block_until_ready(fn(*args))  # compile + warm up
   times = {k: [] for k in fns}
+  # Each round runs the cases in a fresh order: on this VM a call that frees a large buffer
+  # (dense bf16 M=1 frees a 64 MiB f32 copy of W) slows the next one or two calls by up to
+  # 2x, whichever they are (2026-11-27: dense f32 M=1 2.4 -> 3.7 ms right after it). A fixed
+  # round-robin would charge that to one case every time.
+  order = np.random.default_rng(0)
   t_end = time.perf_counter() + budget_s
   while (len(times[next(iter(fns))]) < min_reps
          or (len(times[next(iter(fns))]) < max_reps and time.perf_counter() < t_end)):
-    for k, (fn, args) in fns.items():
+    for k in order.permutation(list(fns)):
+      fn, args = fns[k]
       t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[k].append((time.perf_counter() - t0) * 1e3)
@@ -250,6 +256,13 @@ def table(rows, bnb: dict, floor_gbps: float) -> str:
   return "\n".join(lines)
 
 
+# Fresh outputs of tens of MiB are mmapped by glibc (above its 32 MiB dynamic threshold) and
+# page-faulted on every call; on this VM that costs as much as the op (dequantize_4bit 4096^2,
+# 2026-11-27: 16.5 ms fresh, 5.3 ms reused; bnb 13.3 / 1.1 ms). --reuse-memory shows the ops'
+# own cost: no mmap for large blocks and no trimming, so freed outputs are reused.
+_REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (CI smoke)")
@@ -257,7 +270,14 @@ def main(argv=None):
   ap.add_argument("--bnb-python", help="interpreter with torch + bitsandbytes (.venv-bnb)")
   ap.add_argument("--only", nargs="*", choices=("optimizer", "matmul", "functional"),
                   help="run only these groups")
+  ap.add_argument("--reuse-memory", action="store_true",
+                  help="rerun with glibc's malloc keeping freed memory (both libraries): times "
+                       "without the page faults of fresh outputs")
   args = ap.parse_args(argv)
+  if args.reuse_memory and _REUSE_ENV.items() - os.environ.items():
+    # glibc reads these at start-up only; the bnb subprocess inherits them.
+    os.execve(sys.executable, [sys.executable, __file__, *(argv or sys.argv[1:])],
+              {**os.environ, **_REUSE_ENV})
   if args.quick:
     cfg = {"optim": {"leaves": [2], "side": 128},
            "matmul": {"side": 256, "ms": [1]},
@@ -272,11 +292,12 @@ def main(argv=None):
 
   env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
          "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-         "python": platform.python_version()}
+         "python": platform.python_version(), "reuse_memory": bool(args.reuse_memory)}
   floor = memcpy_gbps((4 << 20) if args.quick else (256 << 20), 3 if args.quick else 10)
   env["memcpy_gbps"] = floor
   print(f"# {env['date']}  {env['cpu']}, {env['cores']} cores  jax {env['jax']} "
-        f"({env['backend']})  python {env['python']}")
+        f"({env['backend']})  python {env['python']}"
+        + ("  (--reuse-memory: freed outputs reused)" if args.reuse_memory else ""))
   print(f"# memcpy floor (read + write): numpy into a reused buffer {floor['numpy']:.1f} GB/s, "
         f"jax into a fresh buffer {floor['jax']:.1f} GB/s; %copy uses the faster",
         flush=True)

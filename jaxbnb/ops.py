@@ -384,6 +384,11 @@ def _weight_steps(w: Quantized4bit, rows: int, round_dtype, dot_dtype):
   bs = w.state.blocksize
   packed = _fourbit.storage_bytes(w.packed)
   absmax = unnest_absmax(w.state)
+  # CPU steps select among per-block tables of products (~15% less decode time, 2026-11-27,
+  # 4096^2 M=16); a single whole-matrix step elsewhere would hold its table (1/4 of the planes)
+  # beside the planes.
+  decode = (_fourbit.dequantize_planes_by_block if jax.default_backend() == "cpu"
+            else _fourbit.dequantize_planes)
 
   def step(i, after=None):
     start = min(i * rows, n_out - rows)
@@ -391,7 +396,7 @@ def _weight_steps(w: Quantized4bit, rows: int, round_dtype, dot_dtype):
       start = jax.lax.optimization_barrier((jnp.int32(start), after))[0]
     p = jax.lax.dynamic_slice_in_dim(packed, start * (n_in // 2), rows * n_in // 2)
     a = jax.lax.dynamic_slice_in_dim(absmax, start * n_in // bs, rows * n_in // bs)
-    even, odd = _fourbit.dequantize_planes(p, a, w.state.quant_type, bs, round_dtype)
+    even, odd = decode(p, a, w.state.quant_type, bs, round_dtype)
     shape = (rows, n_in // 2)
     return even.astype(dot_dtype).reshape(shape), odd.astype(dot_dtype).reshape(shape)
   return -(-n_out // rows), step

@@ -15,13 +15,14 @@ def test_bench_cpu_quick(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   res = subprocess.run(
       [sys.executable, str(ROOT / "experiments" / "bench_cpu.py"), "--quick", "--json", str(out),
-       "--bnb-python", str(tmp_path / "no-such-python")],
+       "--bnb-python", str(tmp_path / "no-such-python"), "--reuse-memory"],
       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "# bitsandbytes: not timed" in res.stdout
   assert "memcpy floor" in res.stdout and "x f32" in res.stdout
   report = json.loads(out.read_text())
   assert report["env"]["cpu"] and report["env"]["jax"]
+  assert report["env"]["reuse_memory"]  # re-executed with glibc's reuse settings
   names = [r["name"] for r in report["rows"]]
   for want in ("jaxbnb adamw8bit", "optax.adamw", "NF4 (bf16) M=1", "LLM.int8() thr 6",
                "dense f32 x@W", "dense bf16 x@W", "quantize_4bit", "dequantize_4bit",

@@ -300,3 +300,24 @@ def test_decode_tree_is_the_table(quant_type):
   np.testing.assert_array_equal(lo, table[np.arange(256) & 15])
   np.testing.assert_array_equal(np.signbit(hi), np.signbit(table[np.arange(256) >> 4]))
   assert math.copysign(1, float(lo[8])) == (-1 if quant_type == "fp4" else 1)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_planes_by_block_are_the_planes_bit_for_bit(quant_type):
+  """The matmul steps' per-block tables give dequantize_planes' bits in every dtype: every
+  byte value, all-zero, huge, tiny, NaN and Inf blocks, FP4's -0.0."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal(64 * 12).astype(np.float32)
+  x[:64] = 0
+  x[64:128] *= 1e30
+  x[128:192] *= 1e-30
+  x[200], x[300] = np.nan, np.inf
+  _, state = F.quantize_4bit(jnp.asarray(x), 64, quant_type)
+  packed = jnp.tile(jnp.arange(256, dtype=jnp.uint8), 12 * 32 // 256 + 1)[:12 * 32]
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    bits = np.uint32 if dtype == jnp.float32 else np.uint16
+    want = F.fourbit.dequantize_planes(packed, state.absmax, quant_type, 64, dtype)
+    got = F.fourbit.dequantize_planes_by_block(packed, state.absmax, quant_type, 64, dtype)
+    for w, g in zip(want, got):
+      assert g.dtype == w.dtype
+      np.testing.assert_array_equal(np.asarray(g).view(bits), np.asarray(w).view(bits))
