@@ -17,6 +17,13 @@ The layout bnb 0.50.2 writes (``module.state_dict()`` of its layers, as transfor
 
 Everything else is an ordinary tensor. No pickle is ever read: ``.bin``/``.pt`` files are
 refused with the one-line conversion to safetensors.
+
+Stacked leaves (scanned layers, MoE experts; ``leaf.stack_shape != ()``) have no bnb form: bnb
+quantizes 2-D weights only. They are written as one tensor set per slice, named as Hugging Face
+names per-layer modules: the slice index goes after the path component that ``stacked_axes``
+names (``layers.mlp.up.kernel`` of a ``(L, in, out)`` stack -> ``layers.{i}.mlp.up.kernel``,
+``i < L``), and the same ``stacked_axes`` on load stacks them back (see
+:func:`save_bnb_state_dict`).
 """
 
 from __future__ import annotations
@@ -40,12 +47,14 @@ from jaxbnb.functional import QuantState
 from jaxbnb.functional._checks import BLOCKSIZES_4BIT, BLOCKSIZES_8BIT
 from jaxbnb.functional.codebooks import _four_bit_np
 from jaxbnb.qtensor import Quantized4bit, Quantized8bit, QuantizedArray, is_quantized
-from jaxbnb.tree import path_str
+from jaxbnb.tree import _matches, path_str
 
 PathLike = Union[str, os.PathLike]
 # mapping(name) -> new name | (new name, transpose) | (new name, transpose, shape) | None (drop);
 # or a dict {name: new name} (names it lacks keep their name).
 NameMap = Union[Callable[[str], Any], Mapping[str, Any]]
+# {path pattern: number of leading stack axes}, as BitsAndBytesConfig.stacked_axes.
+StackedAxes = Optional[Mapping[str, int]]
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
 _QS_RE = re.compile(r"^(?P<param>.+)\.quant_state\.bitsandbytes__(?P<qt>[^.]*)$")
@@ -385,7 +394,8 @@ def _load_8bit(reader: _Reader, prefix: str, dtype, threshold) -> Quantized8bit:
 
 
 def load_bnb_state_dict(path: PathLike, *, compute_dtype=None, int8_dtype=None,
-                        int8_threshold=None) -> dict[str, Any]:
+                        int8_threshold=None, stacked_axes: StackedAxes = None
+                        ) -> dict[str, Any]:
   """Read a bitsandbytes / transformers safetensors checkpoint.
 
   Args:
@@ -395,6 +405,10 @@ def load_bnb_state_dict(path: PathLike, *, compute_dtype=None, int8_dtype=None,
       dtype, or what jaxbnb recorded when it wrote the file).
     int8_dtype, int8_threshold: dequantization dtype (default float16) and outlier threshold
       (default 6.0) of LLM.int8() leaves (not stored by bnb either).
+    stacked_axes: ``{pattern: n}`` (as ``BitsAndBytesConfig.stacked_axes``, matched against
+      the file's names): per-slice tensors (``layers.3.mlp.weight`` for ``{"layers": 1}``)
+      come back as one stacked leaf (``layers.mlp.weight``; see :func:`to_flax`, which does the
+      same on Flax names after a mapping).
 
   Returns:
     ``{name: leaf}`` with names as in the torch module (``"0.weight"``, ``"0.bias"``; the
@@ -435,7 +449,131 @@ def load_bnb_state_dict(path: PathLike, *, compute_dtype=None, int8_dtype=None,
   for k in keys:
     if k not in used:
       out[k] = jnp.asarray(reader.get(k))
-  return dict(sorted(out.items()))
+  return dict(sorted(_restack(out, stacked_axes).items()))
+
+
+# --- stacked leaves: one tensor set per slice ---------------------------------------------------
+#
+# Naming rule. A leaf with stack axes (a quantized leaf's ``stack_shape``; for a float leaf with
+# more than ``n`` axes, the ``n`` leading axes that the first matching ``stacked_axes`` pattern
+# names) is written as one tensor per slice. Its dotted name gets the slice index (one
+# component per stack axis, outermost first) right after the path component(s) of that
+# pattern's first occurrence: ``{"layers": 1}``: ``layers.mlp.up.kernel`` ->
+# ``layers.{i}.mlp.up.kernel``; ``{"moe.experts": 1}``: ``blocks.0.moe.experts.w1.kernel`` ->
+# ``blocks.0.moe.experts.{e}.w1.kernel``.
+# A glob pattern names no component, and a stack the model's metadata marked has no pattern:
+# the index then goes after the first component (``params.{i}.layers...``; first for a
+# one-component name). Loading with the same ``stacked_axes`` stacks the slices back.
+
+
+def _plain(pattern: str) -> bool:
+  return not any(c in pattern for c in "*?[")
+
+
+def _first_pattern(name: str, stacked_axes: StackedAxes) -> tuple[Optional[str], int]:
+  """The first ``stacked_axes`` pattern matching ``name`` and its count, or (None, 0)."""
+  for pattern, n in (stacked_axes or {}).items():
+    if _matches(pattern, name):
+      return pattern, int(n)
+  return None, 0
+
+
+def _site(pattern: Optional[str], parts: list[str]) -> int:
+  """Position in ``parts`` (a name's components, without slice indexes) of the slice indexes."""
+  if pattern is not None and _plain(pattern):
+    want = pattern.split(".")
+    for i in range(len(parts) - len(want) + 1):
+      if parts[i:i + len(want)] == want:
+        return i + len(want)
+  return 1 if len(parts) > 1 else 0
+
+
+def _unstack(name: str, leaf, stacked_axes: StackedAxes) -> list[tuple[str, Any]]:
+  """``[(slice name, slice)]`` of a stacked leaf in row-major order (``[(name, leaf)]`` else)."""
+  pattern, n = _first_pattern(name, stacked_axes)
+  if is_quantized(leaf):
+    stack = leaf.stack_shape
+    if pattern is not None and len(stack) != n:
+      raise ValueError(f"{name}: a quantized leaf with {len(stack)} stack axes {stack}, but "
+                       f"stacked_axes[{pattern!r}] = {n}: pass the stacked_axes it was "
+                       "quantized with")
+  else:
+    shape = getattr(leaf, "shape", ())
+    # Only leaves with axes beyond the stack's: a (layers, d) norm under a 2-axis pattern
+    # stays whole rather than becoming layers * d scalars.
+    stack = tuple(shape[:n]) if pattern is not None and len(shape) > n else ()
+  if not stack:
+    return [(name, leaf)]
+  parts = name.split(".")
+  k = _site(pattern, parts)
+  return [(".".join(parts[:k] + [str(i) for i in idx] + parts[k:]), leaf[idx])
+          for idx in np.ndindex(*stack)]
+
+
+def _slice_of(name: str, stacked_axes: StackedAxes) -> Optional[tuple[str, tuple[int, ...]]]:
+  """(stacked name, slice index) when ``name`` is a slice name :func:`_unstack` writes."""
+  parts = name.split(".")
+  for pattern, n in (stacked_axes or {}).items():
+    n = int(n)
+    if _plain(pattern):
+      if not _matches(pattern, name):
+        continue
+      k = _site(pattern, parts)
+    else:
+      k = 1 if len(parts) - n > 1 else 0
+    idx = parts[k:k + n]
+    if len(idx) == n and all(p.isascii() and p.isdigit() and p == str(int(p)) for p in idx):
+      base = ".".join(parts[:k] + parts[k + n:])
+      if _first_pattern(base, stacked_axes)[0] == pattern:
+        return base, tuple(int(p) for p in idx)
+  return None
+
+
+def _describe(leaf) -> str:
+  if is_quantized(leaf):
+    return f"{type(leaf).__name__} {jax.tree.structure(leaf)}"
+  return f"{np.dtype(leaf.dtype)} {tuple(leaf.shape)}"
+
+
+def _stack(base: str, slices: dict[tuple[int, ...], Any]):
+  """One stacked leaf from ``{slice index: slice}`` (every index below the stack's size)."""
+  shape = tuple(max(i[a] for i in slices) + 1 for a in range(len(next(iter(slices)))))
+  order = list(np.ndindex(*shape))
+  missing = [i for i in order if i not in slices]
+  if missing:
+    raise ValueError(f"{base}: slices {missing[:3]} of the stack {shape} are missing (found "
+                     f"{len(slices)} of {len(order)}); a stack needs every slice")
+  leaves = [slices[i] for i in order]
+  first = leaves[0]
+  for i, leaf in zip(order, leaves):
+    same = (jax.tree.structure(leaf) == jax.tree.structure(first) if is_quantized(first)
+            else not is_quantized(leaf) and leaf.shape == first.shape
+            and leaf.dtype == first.dtype)
+    if not same:
+      raise ValueError(f"{base}: slice {i} ({_describe(leaf)}) differs from slice "
+                       f"{order[0]} ({_describe(first)}); every slice of a stack needs the "
+                       "same format, shape and dtype")
+  return jax.tree.map(lambda *a: jnp.stack(a).reshape(*shape, *a[0].shape), *leaves)
+
+
+def _restack(flat: dict[str, Any], stacked_axes: StackedAxes) -> dict[str, Any]:
+  """``flat`` with the slices of each stack (named as :func:`_unstack` names them) stacked
+  back under the stacked name; other entries unchanged."""
+  if not stacked_axes:
+    return dict(flat)
+  out: dict[str, Any] = {}
+  stacks: dict[str, dict] = {}
+  for name, leaf in flat.items():
+    hit = _slice_of(name, stacked_axes)
+    if hit is None:
+      out[name] = leaf
+    else:
+      stacks.setdefault(hit[0], {})[hit[1]] = leaf
+  for base, slices in stacks.items():
+    if base in out:
+      raise ValueError(f"{base}: the checkpoint holds both this tensor and slices of it")
+    out[base] = _stack(base, slices)
+  return out
 
 
 # --- name mapping between bnb state dicts and Flax trees ---------------------------------------
@@ -461,7 +599,8 @@ def _is_kernel(name: str) -> bool:
   return name.rsplit(".", 1)[-1] == "kernel"
 
 
-def to_flax(state_dict: Mapping[str, Any], mapping: Optional[NameMap] = None) -> dict:
+def to_flax(state_dict: Mapping[str, Any], mapping: Optional[NameMap] = None, *,
+            stacked_axes: StackedAxes = None) -> dict:
   """A nested dict of Flax-layout leaves from a bnb ``{name: leaf}`` state dict.
 
   ``mapping(bnb_name)`` gives the dotted Flax path (``"layers.0.mlp.fc1.kernel"``), or
@@ -470,8 +609,14 @@ def to_flax(state_dict: Mapping[str, Any], mapping: Optional[NameMap] = None) ->
   ``kernel``": weights become kernel views (:func:`as_flax_kernel`: same bits for quantized
   leaves; float ``(out, in)`` arrays are transposed), reshaped to ``shape`` when given. The result
   feeds ``nnx.replace_by_pure_dict(state, tree)`` or a Linen ``params`` dict.
+
+  ``stacked_axes`` (``{pattern: n}``, as ``BitsAndBytesConfig.stacked_axes``): per-slice
+  tensors whose mapped Flax paths carry slice indexes where :func:`save_bnb_state_dict` puts
+  them (``layers.3.mlp.kernel`` for ``{"layers": 1}``) are stacked into one leaf
+  (``layers.mlp.kernel``, stack axes first; quantized slices keep their bits). Every slice
+  must be present and alike (``ValueError`` naming the stack otherwise).
   """
-  tree: dict = {}
+  flat: dict[str, Any] = {}
   for name, leaf in state_dict.items():
     r = _map_name(mapping, name) if mapping is not None else (name, None, None)
     if r is None:
@@ -483,6 +628,11 @@ def to_flax(state_dict: Mapping[str, Any], mapping: Optional[NameMap] = None) ->
       leaf = as_flax_kernel(leaf, shape)
     elif shape is not None:
       leaf = _reshape(leaf, shape, path)
+    if path in flat:
+      raise ValueError(f"two tensors map to {path}")
+    flat[path] = leaf
+  tree: dict = {}
+  for path, leaf in _restack(flat, stacked_axes).items():
     node = tree
     *parents, last = path.split(".")
     for p in parents:
@@ -507,18 +657,26 @@ def _reshape(leaf, shape, name):
   return _replace(leaf, shape=shape)
 
 
-def from_flax(tree: Any, mapping: Optional[NameMap] = None) -> dict[str, Any]:
+def from_flax(tree: Any, mapping: Optional[NameMap] = None, *,
+              stacked_axes: StackedAxes = None) -> dict[str, Any]:
   """A bnb ``{name: leaf}`` state dict from any params tree (inverse of :func:`to_flax`).
 
   Leaves are named by their dotted path (NNX ``.value`` dropped) and renamed by ``mapping``
   (``flax_name -> bnb name | (name, transpose) | None``; see :func:`to_flax`). With a mapping,
   ``transpose`` defaults to "the Flax name ends in ``kernel``" (float kernels become ``(out,
   in)``); quantized leaves always hold bnb's ``(out, in)`` matrix and become that view.
+
+  Stacked leaves become one entry per slice, the slice index inserted into the dotted name
+  before ``mapping`` sees it: after the component(s) of the first ``stacked_axes`` pattern
+  that matches (``{"layers": 1}``: ``layers.mlp.kernel`` -> ``layers.0.mlp.kernel``, ...),
+  else after the first component. Quantized leaves with ``stack_shape`` are always split; float
+  leaves when a pattern names ``n`` stack axes and they have more than ``n`` axes.
   """
   out: dict[str, Any] = {}
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-  for path, leaf in flat:
-    name = path_str(path)
+  flat = [(n, x) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+          for n, x in _unstack(path_str(path), leaf, stacked_axes)]
+  for name, leaf in flat:
     r = _map_name(mapping, name)
     if r is None:
       continue
@@ -569,6 +727,10 @@ def _groups(state_dict: Mapping[str, Any]) -> tuple[list[dict[str, np.ndarray]],
   """One ``{key: array}`` group per entry (a weight with its companions), and jaxbnb hints."""
   groups, hints, seen = [], {}, set()
   for name, leaf in state_dict.items():
+    if isinstance(leaf, QuantizedArray) and leaf.stack_shape:
+      raise ValueError(f"{name}: a stacked leaf (stack {leaf.stack_shape}) has no bnb layout; "
+                       "write it with save_bnb_state_dict or from_flax, which split it into one "
+                       "tensor set per slice")
     if isinstance(leaf, Quantized4bit):
       t = _tensors_4bit(name, leaf)
       hints[name] = {"compute_dtype": np.dtype(leaf.compute_dtype).name}
@@ -607,6 +769,7 @@ def _atomic_save(tensors: dict, file: pathlib.Path, metadata: dict) -> None:
 
 
 def save_bnb_state_dict(tree: Any, path: PathLike, *, mapping: Optional[NameMap] = None,
+                        stacked_axes: StackedAxes = None,
                         max_shard_size: Optional[int] = None,
                         metadata: Optional[dict[str, str]] = None) -> None:
   """Write ``tree`` in bnb 0.50.2's state-dict layout, loadable by transformers + bitsandbytes.
@@ -615,12 +778,21 @@ def save_bnb_state_dict(tree: Any, path: PathLike, *, mapping: Optional[NameMap]
     tree: ``{bnb name: leaf}`` (e.g. from :func:`load_bnb_state_dict`), or any params tree
       (Flax) whose leaf paths ``mapping`` renames (see :func:`from_flax`). Quantized leaves are
       written as their ``(out, in)`` bnb matrix with the same bits, whatever their view.
+    stacked_axes: ``{pattern: n}`` (pass ``config.stacked_axes``): where the slice index of a
+      stacked leaf goes. A stacked leaf (scanned layers, MoE experts) is written as one bnb
+      tensor set per slice, named as Hugging Face names per-layer modules: the index goes after
+      the first matching pattern's component(s) (``{"layers": 1}``: ``layers.mlp.up.kernel``
+      -> ``layers.0.mlp.up.kernel``, ``layers.1...``), else after the first component; float
+      leaves a pattern covers (with more axes than it names) are split the same way.
+      ``mapping`` then renames each slice.
+      Read it back with :func:`to_flax` (or :func:`load_bnb_state_dict`) and the same
+      ``stacked_axes``.
     path: a ``.safetensors`` file, or a directory: ``model.safetensors`` in it, or with
       ``max_shard_size`` (bytes) ``model-0000i-of-0000n.safetensors`` shards and
       ``model.safetensors.index.json`` (a parameter's companions stay in one shard).
     metadata: extra safetensors metadata strings (``format: pt`` is always written).
   """
-  groups, hints = _groups(from_flax(tree, mapping))
+  groups, hints = _groups(from_flax(tree, mapping, stacked_axes=stacked_axes))
   tensors = {k: v for g in groups for k, v in g.items()}
   meta = {"format": "pt", **(metadata or {}), _HINTS_KEY: json.dumps(hints, sort_keys=True)}
   path = pathlib.Path(path)

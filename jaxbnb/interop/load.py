@@ -36,7 +36,7 @@ from jaxbnb.functional.blockwise import nest_absmax
 from jaxbnb.host import HOST_KIND, HostOffloaded, host_memory_supported, is_offloaded
 from jaxbnb.interop.bnb_safetensors import PathLike, _Reader
 from jaxbnb.qtensor import is_quantized
-from jaxbnb.tree import _layout, _matches, _quantize_leaf, path_str
+from jaxbnb.tree import _layout, _marked_stacks, _matches, _quantize_leaf, path_str, stack_axes_of
 
 # mapping(checkpoint name) -> (params path: tuple or dotted str, transpose) | path | None (drop)
 Mapping = Union[str, Callable[[str], Any], None]
@@ -174,6 +174,78 @@ def _axis0(sharding: Optional[Sharding], shape) -> Optional[Sharding]:
                             memory_kind=sharding.memory_kind), shape)
 
 
+def _slice_sharding(sharding: Optional[Sharding], n_stack: int) -> Optional[Sharding]:
+  """The part of a stacked leaf's ``sharding`` that lays out one slice (its trailing axes)."""
+  if not isinstance(sharding, NamedSharding) or not n_stack:
+    return sharding
+  return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[n_stack:]),
+                       memory_kind=sharding.memory_kind)
+
+
+def _stacked_axis0(sharding: Optional[Sharding], n_stack: int, shape) -> Optional[Sharding]:
+  """For one array of a stacked quantized leaf (``shape``: stack axes first): the stack axes
+  keep their mesh axes, the next axis gets the slice's axis-0 part (as :func:`_axis0`); parts
+  that do not divide are replicated."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec) + (None,) * (n_stack + 1)
+  for keep in (n_stack + 1, n_stack):
+    s = NamedSharding(sharding.mesh, PartitionSpec(*spec[:keep]),
+                      memory_kind=sharding.memory_kind)
+    if _fit(s, shape) is s:
+      return s
+  return NamedSharding(sharding.mesh, PartitionSpec(), memory_kind=sharding.memory_kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(stack: tuple, treedef, avals: tuple, shardings: Optional[tuple]
+             ) -> tuple[Callable, Callable]:
+  """Jitted ``() -> zero stack`` and ``(stack, slice, index) -> stack`` for slices of
+  ``treedef`` with arrays ``avals`` ((shape, dtype) each). ``put`` writes one quantized slice
+  into its place; the stack is donated, so each device keeps only its part of it."""
+  out = None if shardings is None else jax.tree.unflatten(treedef, shardings)
+
+  def zeros():
+    return jax.tree.unflatten(treedef, [jnp.zeros(stack + shape, dtype)
+                                        for shape, dtype in avals])
+
+  def put(acc, part, idx):
+    return jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice(
+        a, p.reshape((1,) * len(stack) + p.shape), (*idx, *([0] * p.ndim))), acc, part)
+  return (jax.jit(zeros, out_shardings=out),
+          jax.jit(put, donate_argnums=0, out_shardings=out))
+
+
+def _quantize_stacked(host: np.ndarray, e: dict, n_stack: int, layout: tuple, config,
+                      sharding: Optional[Sharding], out_dtype):
+  """A stacked quantized leaf, quantized one slice at a time by the lone weight's quantizer
+  (so each slice has the bits ``jaxbnb.quantize`` gives it, by construction) and written into
+  a stack laid out as ``sharding`` asks (stack axes keep their mesh axes): one float slice on
+  the device at a time."""
+  stack, raw = e["raw_shape"][:n_stack], e["raw_shape"][n_stack:]
+  if not math.prod(stack):
+    raise ValueError(f"{e['name']!r}: an empty stack {stack} (shape {e['raw_shape']}) has no "
+                     "slice to quantize; drop it with the mapping or keep it in float with "
+                     "llm_int8_skip_modules")
+  s1 = _slice_sharding(sharding, n_stack)
+  quantize = _quantizer(raw, e["dtype"], e["transpose"], out_dtype, layout, config, s1)
+  acc = put = None
+  for idx in np.ndindex(*stack):
+    x = jax.device_put(host[idx], _axis0(s1, raw))
+    part = quantize(x)
+    if acc is None:
+      leaves, treedef = jax.tree.flatten(part)
+      shardings = None if sharding is None else tuple(
+          _stacked_axis0(sharding, n_stack, stack + a.shape) for a in leaves)
+      zeros, put = _stacker(stack, treedef,
+                            tuple((a.shape, np.dtype(a.dtype)) for a in leaves), shardings)
+      acc = zeros()
+    acc = put(acc, part, np.asarray(idx, np.int32))
+    jax.block_until_ready(acc)  # one float slice in flight, not a queue of them
+    x.delete()
+  return acc
+
+
 # --- the on-device quantizer -----------------------------------------------------------------
 
 
@@ -263,11 +335,16 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
     config: a :class:`BitsAndBytesConfig`; leaves are chosen as :func:`jaxbnb.quantize` does
       (last path component ``kernel``/``weight``/``embedding``, ``llm_int8_skip_modules``).
       ``None`` quantizes nothing: every tensor is read (cast to the target's dtype) as it is.
+      Stacks (``config.stacked_axes``, or the stack axes the ``target``'s metadata marks) are
+      quantized slice by slice, one float slice on the device at a time, each slice with the
+      bits ``jaxbnb.quantize`` gives it.
     mapping: checkpoint name -> ``(params path, transpose)`` (path: a key tuple or a dotted
       name whose digit parts become list indices), a path alone (no transpose), or ``None`` to
-      drop the tensor. Built in: ``"minilm"`` (Hugging Face BertModel names ->
-      :class:`jaxbnb.models.bert.MiniLM`, torch ``(out, in)`` weights transposed to kernels) and
-      ``"gpt"`` / ``None`` (the file holds the params' own dotted names, as ``path_str`` gives).
+      drop the tensor; ``transpose`` of a stacked tensor keeps its stack axes first and
+      transposes each slice (``(E, out, in)`` -> ``(E, in, out)``). Built in: ``"minilm"``
+      (Hugging Face BertModel names -> :class:`jaxbnb.models.bert.MiniLM`, torch ``(out, in)``
+      weights transposed to kernels) and ``"gpt"`` / ``None`` (the file holds the params' own
+      dotted names, as ``path_str`` gives).
     target: optional abstract params (e.g. ``jax.eval_shape(lambda: nnx.state(model))`` or its
       pure dict): every target leaf must get a tensor, every tensor a target leaf, with equal
       shapes and compatible dtypes (``ValueError`` listing what differs, raised before any data
@@ -277,7 +354,9 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
     sharding: a ``Sharding`` for every leaf, or ``(dotted path, shape) -> Sharding | None``.
       Float leaves get it (replicated on its mesh where the shape does not divide); a quantized
       leaf's arrays get its axis-0 part (when it divides, else replicated). The float tensor
-      goes onto the devices with that axis-0 sharding, so quantization runs sharded.
+      goes onto the devices with that axis-0 sharding, so quantization runs sharded. A stacked
+      leaf's arrays keep the mesh axes of the stack axes, then take the slice's axis-0 part;
+      each device keeps only its part of the stack.
     progress: show a tqdm bar of bytes read (with the bytes kept on the device).
 
   Returns:
@@ -292,6 +371,7 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
   fn = _builtin(mapping, names)
 
   # Plan from the headers alone: names, shapes, dtypes; nothing is read yet.
+  marked = ({} if config is None or target is None else _marked_stacks(target, config))
   entries: dict[str, dict] = {}
   for name in names:
     r = _resolve(fn, name)
@@ -303,8 +383,11 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
     dotted = _dotted(keys)
     if dotted in entries:
       raise ValueError(f"{entries[dotted]['name']!r} and {name!r} both map to {dotted}")
+    n = _stack_count(dotted, len(shape), config, marked)
     entries[dotted] = dict(name=name, keys=keys, transpose=transpose, raw_shape=shape,
-                           dtype=dtype, shape=shape[::-1] if transpose else shape)
+                           dtype=dtype, n_stack=n,
+                           shape=tuple(shape[i] for i in _t_axes(len(shape), n))
+                           if transpose else shape)
   if target is not None:
     want = _check_target(entries, target)
     for dotted, e in entries.items():
@@ -326,10 +409,14 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
         hit = [p for p in config.llm_int8_skip_modules if _matches(p, dotted)]
         used.update(hit)
         layout = None if hit else layout
+      n_stack = 0 if layout is None else stack_axes_of(
+          dotted, jax.ShapeDtypeStruct(e["shape"], out_dtype), config, marked)
       host = source.read(e["name"])
       if layout is None:
-        x = host.T if e["transpose"] else host
+        x = host.transpose(_t_axes(host.ndim, e["n_stack"])) if e["transpose"] else host
         leaf = jax.device_put(x.astype(out_dtype, copy=False), _fit(s, e["shape"]))
+      elif n_stack:
+        leaf = _quantize_stacked(host, e, n_stack, layout, config, s, out_dtype)
       else:
         x = jax.device_put(host, _axis0(s, e["raw_shape"]))
         del host  # the device copy is all we need; free the host copy before the quantizer runs
@@ -354,6 +441,22 @@ def load_quantized(path: Union[PathLike, TensorSource], config: Optional[BitsAnd
     warnings.warn(f"llm_int8_skip_modules patterns matched no quantizable leaf: {unused}",
                   stacklevel=2)
   return tree
+
+
+def _stack_count(dotted: str, ndim: int, config, marked: dict) -> int:
+  """Leading stack axes of the tensor at ``dotted`` (as :func:`jaxbnb.tree.stack_axes_of`;
+  0 where a slice would not be a matrix): a stacked tensor is transposed slice by slice."""
+  if config is None:
+    return 0
+  n = next((n for p, n in config.stacked_axes.items() if _matches(p, dotted)),
+           marked.get(dotted, 0))
+  return n if ndim - n >= 2 else 0
+
+
+def _t_axes(ndim: int, n_stack: int) -> tuple[int, ...]:
+  """Axes of a transpose that keeps ``n_stack`` leading stack axes and reverses the rest (a
+  torch ``(out, in)`` weight per slice becomes a ``(in, out)`` kernel per slice)."""
+  return tuple(range(n_stack)) + tuple(range(ndim - 1, n_stack - 1, -1))
 
 
 def _header(file) -> tuple[int, dict]:
