@@ -12,6 +12,7 @@ from jaxbnb.optim.paged import (host_memory_supported, paged, paged_adam8bit, pa
                                 paged_lion8bit)
 from jaxbnb.optim.quantize_state import (QuantizedLeaf, dequantize_leaf, quantize_leaf,
                                          quantize_state)
+from jaxbnb.optim.sharding import state_shardings, state_specs
 from jaxbnb.optim.state import QuantizedMoment, read_moment, state_bytes
 from jaxbnb.optim.transforms import (scale_by_adam_8bit, scale_by_ademamix_8bit,
                                      scale_by_lion_8bit, scale_by_rms_8bit, scale_by_rss_8bit,
@@ -26,5 +27,6 @@ __all__ = [
     "host_memory_supported", "lamb8bit", "lars8bit", "lion8bit", "paged", "paged_adam8bit",
     "paged_adamw8bit", "paged_lion8bit", "percentile_clipping", "read_moment", "rmsprop8bit",
     "scale_by_adam_8bit", "scale_by_ademamix_8bit", "scale_by_lion_8bit", "scale_by_rms_8bit",
-    "scale_by_rss_8bit", "sgd8bit", "state_bytes", "trace_8bit",
+    "scale_by_rss_8bit", "sgd8bit", "state_bytes", "state_shardings", "state_specs",
+    "trace_8bit",
 ]

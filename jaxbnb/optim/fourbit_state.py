@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbnb import _explicit
 from jaxbnb.functional import blockwise as _bw
 from jaxbnb.functional.codebooks import _dynamic_map_np
+from jaxbnb.optim import _blocks
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -50,8 +52,9 @@ class Blockwise4bit:
   """One moment in 4 bits, blockwise.
 
   Attributes:
-    q: uint8 ``(nblocks, block_size // 2)``, two codes per byte (high nibble first).
-    absmax: float32 ``(nblocks,)``.
+    q: uint8 ``(*blocks, block_size // 2)``, two codes per byte (high nibble first).
+    absmax: float32 ``blocks``: ``(nblocks,)``, or for a stack of matrices whose slices are
+      whole blocks ``(*shape[:k], blocks per slice)`` (``jaxbnb.optim._blocks.blocks_shape``).
     signed: dynamic-exponent map (True) or the linear map without zero (static).
     block_size: elements per block (static).
     shape: the leaf's shape (static).
@@ -148,11 +151,15 @@ def init_moment4(param: jax.Array, *, signed: bool, block_size: int,
   shape = tuple(param.shape)
   if rank1 and not signed and use_rank1(shape, block_size):
     rest = math.prod(shape[1:])
-    return Rank1Moment(jnp.zeros((shape[0], -(-rest // 2)), jnp.uint8),
-                       tuple(jnp.zeros((d,), jnp.float32) for d in shape), shape)
-  nblocks = -(-param.size // block_size)
-  return Blockwise4bit(jnp.zeros((nblocks, block_size // 2), jnp.uint8),
-                       jnp.zeros((nblocks,), jnp.float32), signed, block_size, shape)
+    # Placed like a concrete sharded param: rows of codes follow its axis 0 (when no later axis
+    # is sharded), each maximum its own axis.
+    q = _blocks.place(jnp.zeros((shape[0], -(-rest // 2)), jnp.uint8), param,
+                      lambda _, s: (_explicit.leading(s, tuple(range(len(s)))), None))
+    maxes = tuple(_blocks.place(jnp.zeros((d,), jnp.float32), param, lambda _, s, k=k: (s[k],))
+                  for k, d in enumerate(shape))
+    return Rank1Moment(q, maxes, shape)
+  return Blockwise4bit(_blocks.zeros_blocks(param, block_size, (block_size // 2,), jnp.uint8),
+                       _blocks.zeros_blocks(param, block_size), signed, block_size, shape)
 
 
 def _rank1_scale(maxes: Sequence[jax.Array], rows: jax.Array, chunk_shape: tuple) -> jax.Array:
@@ -170,7 +177,9 @@ def read_moment4(m: Moment4bit) -> jax.Array:
   """float32 values of a 4-bit moment, the leaf's shape (elementwise: fuses into consumers)."""
   n = math.prod(m.shape)
   if isinstance(m, Blockwise4bit):
-    values = decode(unpack(m.q), m.signed) * m.absmax[:, None]
+    values = decode(unpack(m.q), m.signed) * m.absmax[..., None]
+    if values.size == n:  # whole blocks: a reshape that keeps the carried leading axes
+      return values.reshape(m.shape)
     return values.reshape(-1)[:n].reshape(m.shape)
   rest = n // m.shape[0] if m.shape[0] else 0
   values = decode(unpack(m.q), False)[:, :rest].reshape(m.shape)
@@ -211,68 +220,105 @@ def update_blockwise4(fn: Callable[..., jax.Array], inputs: Sequence[jax.Array],
     q2, a2 = _quantize_blocks(new, m.signed, valid)
     return [], [q2, a2]
 
-  _, (q, absmax) = _bw.map_blocks(chunk, [x.reshape(-1) for x in inputs], [], [],
-                                  [m.q, m.absmax], m.block_size)
-  return Blockwise4bit(q, absmax, m.signed, m.block_size, m.shape)
+  _, (q, absmax) = _blocks.map_grouped(chunk, [x.reshape(-1) for x in inputs], [],
+                                       [m.q.reshape(-1, m.q.shape[-1]), m.absmax.reshape(-1)],
+                                       m.block_size)
+  return Blockwise4bit(q.reshape(m.q.shape), absmax.reshape(m.absmax.shape), m.signed,
+                       m.block_size, m.shape)
 
 
-def _row_loop(body, d0: int, rows: int, carry):
-  """``body(start, r, carry)`` over row chunks ``[start, start + r)``: a tail, then a loop."""
-  full, tail = divmod(d0, rows)
+def _rank1_view(shape: tuple) -> tuple[int, int, tuple, bool]:
+  """``(A, B, T, stacked)``: the loop of a rank-1 update walks axis ``B`` of the leaf viewed
+  as ``(A, B, *T)``, each step taking a chunk of it for every ``A``. A stack (``ndim >= 3``,
+  even ``prod(shape[2:])``) walks axis 1 with the whole axis 0 (``A, B = shape[:2]``); other
+  leaves walk their rows in ``A`` contiguous groups (``jaxbnb.optim._blocks``). Either way a
+  sharding of axis 0 into whole groups keeps the loop local to each device."""
+  if len(shape) >= 3 and math.prod(shape[2:]) % 2 == 0:
+    return shape[0], shape[1], tuple(shape[2:]), True
+  rest = max(math.prod(shape[1:]), 1)
+  groups = math.gcd(shape[0], max(1, _bw.CHUNK // rest))
+  return groups, shape[0] // groups, tuple(shape[1:]), False
+
+
+def _rank1_scale_at(maxes: Sequence[jax.Array], start, r: int, view: tuple) -> jax.Array:
+  """float32 ``min_k M_k`` over the chunk ``[:, start:start + r]`` of the ``(A, B, *T)`` view,
+  broadcastable to ``(A, r, *T)``."""
+  a, b, t, stacked = view
+  nd = 2 + len(t)
+  along = lambda v, axis: v.reshape([v.shape[0] if i == axis else 1 for i in range(nd)])
+  if stacked:  # maxes[k] runs along axis k of the view; the chunk cuts maxes[1]
+    factors = [along(maxes[0], 0), along(jax.lax.dynamic_slice_in_dim(maxes[1], start, r), 1)]
+    factors += [along(m, k) for k, m in enumerate(maxes) if k >= 2]
+  else:  # rows are (A, B): maxes[0] viewed so; maxes[k] runs along axis k + 1
+    rows = jax.lax.dynamic_slice_in_dim(maxes[0].reshape(a, b), start, r, 1)
+    factors = [rows.reshape((a, r) + (1,) * len(t))]
+    factors += [along(m, k + 1) for k, m in enumerate(maxes) if k >= 1]
+  scale = factors[0]
+  for f in factors[1:]:
+    scale = jnp.minimum(scale, f)
+  return scale
+
+
+def _chunk_loop(body, b: int, step: int, carry):
+  """``body(start, r, carry)`` over chunks ``[start, start + r)`` of ``b``: a tail, then a
+  loop."""
+  full, tail = divmod(b, step)
   if tail:
-    carry = body(full * rows, tail, carry)
+    carry = body(full * step, tail, carry)
   if full == 1:
-    carry = body(0, rows, carry)
+    carry = body(0, step, carry)
   elif full:
-    carry = jax.lax.fori_loop(0, full, lambda i, c: body(i * rows, rows, c), carry)
+    carry = jax.lax.fori_loop(0, full, lambda i, c: body(i * step, step, c), carry)
   return carry
 
 
 def update_rank1(fn: Callable[..., jax.Array], inputs: Sequence[jax.Array],
                  m: Rank1Moment) -> Rank1Moment:
-  """Like :func:`update_blockwise4` for a rank-1 moment: one pass over row chunks computes the
-  new maxima, a second recomputes the new values and writes their codes in place."""
+  """Like :func:`update_blockwise4` for a rank-1 moment: one pass over chunks computes the
+  new maxima, a second recomputes the new values and writes their codes in place. The chunks
+  follow :func:`_rank1_view`, so a leaf sharded over axis 0 is updated shard by shard."""
   shape = m.shape
-  d0, rest = shape[0], math.prod(shape[1:])
-  rows = max(1, min(d0, _bw.CHUNK // max(rest, 1)))
-  ins = [x.reshape(d0, rest) for x in inputs]
-  old_scale_all = m.maxes
+  view = a, b, t, stacked = _rank1_view(shape)
+  tsize = math.prod(t)
+  step = max(1, min(b, _bw.CHUNK // max(a * tsize, 1)))
+  ins = [x.reshape(a, b, *t) for x in inputs]
+  q_view = m.q.reshape(a, b, -1)
+  nd = 2 + len(t)
 
   def new_values(start, r, ins, q):
-    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, r)
-    chunk_shape = (r,) + shape[1:]
-    old = decode(unpack(sl(q)), False)[:, :rest].reshape(chunk_shape)
-    old = old * _rank1_scale(old_scale_all, sl(old_scale_all[0]), chunk_shape)
-    xs = [sl(x).reshape(chunk_shape) for x in ins]
-    return jnp.abs(_sanitize(fn(*xs, old))), chunk_shape
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, r, 1)
+    old = decode(unpack(sl(q)), False)[..., :tsize].reshape((a, r) + t)
+    old = old * _rank1_scale_at(m.maxes, start, r, view)
+    return jnp.abs(_sanitize(fn(*map(sl, ins), old)))
 
   def stats(start, r, carry):
     ins, q, maxes = carry
-    new, chunk_shape = new_values(start, r, ins, q)
-    new = jax.lax.optimization_barrier(new)
-    nd = len(chunk_shape)
-    row = jnp.max(new, axis=tuple(range(1, nd)))
-    out = [jax.lax.dynamic_update_slice_in_dim(maxes[0], row, start, 0)]
-    for k in range(1, nd):
-      out.append(jnp.maximum(maxes[k], jnp.max(new, axis=tuple(a for a in range(nd) if a != k))))
+    new = jax.lax.optimization_barrier(new_values(start, r, ins, q))
+    over = lambda *keep: jnp.max(new, axis=tuple(i for i in range(nd) if i not in keep))
+    if stacked:
+      out = [jnp.maximum(maxes[0], over(0)),
+             jax.lax.dynamic_update_slice_in_dim(maxes[1], over(1), start, 0)]
+      out += [jnp.maximum(mk, over(k)) for k, mk in enumerate(maxes) if k >= 2]
+    else:
+      rows = jax.lax.dynamic_update_slice_in_dim(maxes[0].reshape(a, b), over(0, 1), start, 1)
+      out = [rows.reshape(-1)]
+      out += [jnp.maximum(mk, over(k + 1)) for k, mk in enumerate(maxes) if k >= 1]
     return ins, q, tuple(out)
 
   zeros = tuple(jnp.zeros((d,), jnp.float32) for d in shape)
-  _, _, maxes = _row_loop(stats, d0, rows, (ins, m.q, zeros))
+  _, _, maxes = _chunk_loop(stats, b, step, (ins, q_view, zeros))
 
   def codes(start, r, carry):
     ins, q = carry
-    new, chunk_shape = new_values(start, r, ins, q)
-    new = jax.lax.optimization_barrier(new)
-    scale = _rank1_scale(maxes, jax.lax.dynamic_slice_in_dim(maxes[0], start, r), chunk_shape)
-    x = scaled(new, scale).reshape(r, rest)
+    new = jax.lax.optimization_barrier(new_values(start, r, ins, q))
+    x = scaled(new, _rank1_scale_at(maxes, start, r, view)).reshape(a, r, tsize)
     c = encode(x, False)
-    if rest % 2:
-      c = jnp.pad(c, ((0, 0), (0, 1)))
-    return ins, jax.lax.dynamic_update_slice_in_dim(q, pack(c), start, 0)
+    if tsize % 2:
+      c = jnp.pad(c, ((0, 0), (0, 0), (0, 1)))
+    return ins, jax.lax.dynamic_update_slice_in_dim(q, pack(c), start, 1)
 
-  _, q = _row_loop(codes, d0, rows, (ins, m.q))
-  return Rank1Moment(q, maxes, shape)
+  _, q = _chunk_loop(codes, b, step, (ins, q_view))
+  return Rank1Moment(q.reshape(m.q.shape), maxes, shape)
 
 
 def update_moment4(fn: Callable[..., jax.Array], inputs: Sequence[jax.Array],

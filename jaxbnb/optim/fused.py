@@ -99,11 +99,12 @@ def adamw8bit_fused(learning_rate: T.ScalarOrSchedule, b1: float = 0.9, b2: floa
       wd = weight_decay if d else 0.0
       if interpret is not None and is_moment(m) and is_moment(v):
         p2, ((mq, ma), (vq, va)) = _kernel.update_8bit(
-            g, [(m.q, m.absmax), (v.q, v.absmax)], [_code(True), _code(False)],
+            g, [(m.q, m.absmax.reshape(-1)), (v.q, v.absmax.reshape(-1))],
+            [_code(True), _code(False)],
             _kernel.scalar_vector((*scalars, wd, nlr)), param=p, kind="adam",
             block_size=m.block_size, interpret=interpret)
-        m2 = QuantizedMoment(mq, ma, m.signed, m.block_size)
-        v2 = QuantizedMoment(vq, va, v.signed, v.block_size)
+        m2 = QuantizedMoment(mq, ma.reshape(m.absmax.shape), m.signed, m.block_size)
+        v2 = QuantizedMoment(vq, va.reshape(v.absmax.shape), v.signed, v.block_size)
       else:
         moments = T.adam_moments(scalars, z)
         u = T.adam_direction(g, *moments(g, read_moment(m), read_moment(v)), scalars)

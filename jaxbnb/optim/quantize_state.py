@@ -19,6 +19,7 @@ know which leaf is which.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -26,11 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
+from jaxbnb import _explicit
 from jaxbnb.functional import _checks
 from jaxbnb.functional import blockwise as _bw
 from jaxbnb.functional.codebooks import _dynamic_map_np
+from jaxbnb.optim import _blocks
 from jaxbnb.optim import fourbit_state as _fb
+from jaxbnb.optim.transforms import _auto_context
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -41,10 +46,11 @@ class QuantizedLeaf:
   """One optimizer-state leaf stored in ``bits`` bits by :func:`quantize_state`.
 
   Attributes:
-    q: uint8 ``(nblocks, block_size * bits // 8)``: codes (two per byte at 4 bits, high nibble
+    q: uint8 ``(*blocks, block_size * bits // 8)``: codes (two per byte at 4 bits, high nibble
       first).
-    absmax: float32 ``(nblocks,)``.
-    signed: bool ``(nblocks,)``: the block uses the signed map (it held a negative value).
+    absmax: float32 ``blocks``: ``(nblocks,)``, or for a stack of matrices whose slices are
+      whole blocks ``(*shape[:k], blocks per slice)`` (``jaxbnb.optim._blocks.blocks_shape``).
+    signed: bool ``blocks``: the block uses the signed map (it held a negative value).
     bits: 8 or 4 (static). block_size: elements per block (static).
     shape, dtype: the original leaf's (static).
   """
@@ -74,10 +80,10 @@ def _table(bits: int) -> jax.Array:
 
 
 def _decode_blocks(q: jax.Array, absmax: jax.Array, signed: jax.Array, bits: int) -> jax.Array:
-  """float32 ``(rows, block_size)`` of codes ``q`` (rows, ...) and per-row absmax and map."""
+  """float32 ``(*rows, block_size)`` of codes ``q`` (*rows, ...) and per-row absmax and map."""
   codes = (_fb.unpack(q) if bits == 4 else q).astype(jnp.int32)
-  idx = codes + jnp.where(signed, 1 << bits, 0)[:, None]
-  return _table(bits).at[idx].get(mode="promise_in_bounds") * absmax[:, None]
+  idx = codes + jnp.where(signed, 1 << bits, 0)[..., None]
+  return _table(bits).at[idx].get(mode="promise_in_bounds") * absmax[..., None]
 
 
 def _encode_blocks(new: jax.Array, bits: int, valid) -> tuple[jax.Array, ...]:
@@ -98,7 +104,9 @@ def _encode_blocks(new: jax.Array, bits: int, valid) -> tuple[jax.Array, ...]:
 def dequantize_leaf(x: QuantizedLeaf) -> jax.Array:
   """The leaf's values (its original dtype and shape): elementwise, fuses into consumers."""
   n = math.prod(x.shape)
-  values = _decode_blocks(x.q, x.absmax, x.signed, x.bits).reshape(-1)[:n]
+  values = _decode_blocks(x.q, x.absmax, x.signed, x.bits)
+  if values.size != n:  # a padded last block (else a reshape keeps the carried leading axes)
+    values = values.reshape(-1)[:n]
   return values.reshape(x.shape).astype(x.dtype)
 
 
@@ -108,19 +116,29 @@ def quantize_leaf(value: jax.Array, like: Optional[QuantizedLeaf] = None, *, bit
   given), chunk by chunk (``map_blocks``): temporaries stay a few MiB whatever the size."""
   if like is not None:
     bits, block_size = like.bits, like.block_size
-  n = value.size
-  nblocks = -(-n // block_size)
-  if like is None:
-    like = QuantizedLeaf(jnp.zeros((nblocks, block_size * bits // 8), jnp.uint8),
-                         jnp.zeros((nblocks,), jnp.float32), jnp.zeros((nblocks,), jnp.bool_),
-                         bits, block_size, tuple(value.shape), np.dtype(value.dtype))
+  if like is None:  # placed like a concrete sharded value (jaxbnb.optim._blocks.place)
+    zeros = functools.partial(_blocks.zeros_blocks, value, block_size)
+    like = QuantizedLeaf(zeros((block_size * bits // 8,), jnp.uint8), zeros(),
+                         zeros(dtype=jnp.bool_), bits, block_size, tuple(value.shape),
+                         np.dtype(value.dtype))
 
   def chunk(valid, xb, *_):
     return [], list(_encode_blocks(xb.astype(jnp.float32), bits, valid))
 
-  _, (q, absmax, signed) = _bw.map_blocks(chunk, [value.reshape(-1)], [], [],
-                                          [like.q, like.absmax, like.signed], block_size)
-  return QuantizedLeaf(q, absmax, signed, bits, block_size, like.shape, like.dtype)
+  _, (q, absmax, signed) = _blocks.map_grouped(chunk, [value.reshape(-1)], [],
+                                               _flat_blocks(like), block_size)
+  return _unflat_blocks(like, q, absmax, signed)
+
+
+def _flat_blocks(x: QuantizedLeaf) -> list[jax.Array]:
+  """``[q (nblocks, bytes), absmax (nblocks,), signed (nblocks,)]``: the loop's view."""
+  return [x.q.reshape(-1, x.q.shape[-1]), x.absmax.reshape(-1), x.signed.reshape(-1)]
+
+
+def _unflat_blocks(like: QuantizedLeaf, q, absmax, signed) -> QuantizedLeaf:
+  return QuantizedLeaf(q.reshape(like.q.shape), absmax.reshape(like.absmax.shape),
+                       signed.reshape(like.signed.shape), like.bits, like.block_size,
+                       like.shape, like.dtype)
 
 
 def _is_q(x) -> bool:
@@ -166,11 +184,24 @@ def quantize_state(tx: optax.GradientTransformation, bits: int = 8,
       if (isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
           and tuple(x.shape) in shapes and x.size >= max(min_size, 1)
           and (should_quantize is None or should_quantize(path, x))):
-        return quantize_leaf(jnp.asarray(x), bits=bits, block_size=block_size)
+        x = jnp.asarray(x)
+        # Under an Explicit mesh: blocks formed with Auto axes, then sharded like the leaf.
+        return _explicit.call(
+            _auto_context(functools.partial(quantize_leaf, bits=bits, block_size=block_size)),
+            (x,), lambda mesh, out: _leaf_spec(mesh, x, out))
       return x
     return jax.tree_util.tree_map_with_path(pick, state)
 
   def update_fn(updates, state, params=None):
+    # Under an Explicit mesh the step runs with Auto axes and every output keeps its input's
+    # sharding (the state's structure and shapes do not change from step to step).
+    def specs(mesh, out):
+      del mesh, out
+      spec = lambda x: P(*_explicit.spec_of(x, np.ndim(x)))
+      return jax.tree.map(spec, updates), jax.tree.map(spec, state)
+    return _explicit.call(_auto_context(raw_update), (updates, state, params), specs)
+
+  def raw_update(updates, state, params=None):
     inner = jax.tree.map(lambda x: dequantize_leaf(x) if _is_q(x) else x, state, is_leaf=_is_q)
     # The updates come from the whole-tree call on the dequantized state: elementwise, they fuse
     # into their consumer. Its new state is used where no chunked update replaces it (XLA drops
@@ -187,6 +218,14 @@ def quantize_state(tx: optax.GradientTransformation, bits: int = 8,
     return new_updates, treedef.unflatten(out)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _leaf_spec(mesh, x: jax.Array, like: QuantizedLeaf, spec=None) -> QuantizedLeaf:
+  """PartitionSpecs of the quantized ``x``: its blocks follow ``x``'s shards (``spec``, default
+  ``x``'s type's; ``jaxbnb.optim._blocks.block_spec``)."""
+  spec = _explicit.spec_of(x, x.ndim) if spec is None else spec
+  blocks = _blocks.block_spec(mesh, x.shape, spec, like.block_size)
+  return dataclasses.replace(like, q=P(*blocks, None), absmax=P(*blocks), signed=P(*blocks))
 
 
 # --- the lean path: elementwise optimizers updated leaf by leaf, chunk by chunk ---------------
@@ -353,13 +392,11 @@ def _chunked_update(tx, plan, updates, state, inner, params, flat_new):
     if done is not None:  # one leaf after the other (see jaxbnb.optim.transforms._map)
       elems, _ = jax.lax.optimization_barrier((elems, done))
     out_e = [jnp.asarray(s_inner[k]).reshape(-1) for k in fpos]
-    out_b = [a for k in qpos for a in (s_old[k].q, s_old[k].absmax, s_old[k].signed)]
-    new_e, new_b = _bw.map_blocks(chunk, elems, [], out_e, out_b, block_size)
+    out_b = [a for k in qpos for a in _flat_blocks(s_old[k])]
+    new_e, new_b = _blocks.map_grouped(chunk, elems, out_e, out_b, block_size)
     for k, e in zip(fpos, new_e):
       flat_new[k] = e.reshape(jnp.shape(s_inner[k]))
     for j, k in enumerate(qpos):
-      o = s_old[k]
-      flat_new[k] = QuantizedLeaf(new_b[3 * j], new_b[3 * j + 1], new_b[3 * j + 2], o.bits,
-                                  o.block_size, o.shape, o.dtype)
+      flat_new[k] = _unflat_blocks(s_old[k], *new_b[3 * j:3 * j + 3])
     done = new_b[0]
   return flat_new

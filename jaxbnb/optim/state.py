@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbnb.functional import _checks
-from jaxbnb.functional.blockwise import (dequantize_blocks, map_blocks, nearest_dynamic,
-                                        normalize)
+from jaxbnb.functional.blockwise import dequantize_blocks, nearest_dynamic, normalize
 from jaxbnb.functional.codebooks import create_dynamic_map
+from jaxbnb.optim import _blocks
 from jaxbnb.optim.fourbit_state import scaled
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -46,7 +46,9 @@ class QuantizedMoment:
 
   Attributes:
     q: uint8 codes, the parameter's shape.
-    absmax: float32 ``(ceil(size / block_size),)`` per-block scale.
+    absmax: float32 per-block scale: ``(ceil(size / block_size),)`` (bitsandbytes' layout), or
+      for a stack of matrices whose slices are whole blocks ``(*shape[:k], blocks per slice)``
+      (the same blocks; ``jaxbnb.optim._blocks.blocks_shape``).
     signed: signed dynamic map (may be negative) or unsigned (static).
     block_size: elements per block (static).
   """
@@ -81,21 +83,20 @@ def init_moment(param: jax.Array, *, signed: bool, block_size: int, use_8bit: bo
   """A moment of zeros (or ``fill``) for ``param``: 8-bit or float32."""
   if not use_8bit:
     return jnp.full_like(param, fill, dtype=jnp.float32)
-  nblocks = -(-param.size // block_size)
+  # zeros_like keeps a concrete param's sharding; the block scales are placed to match.
+  zeros = QuantizedMoment(jnp.zeros_like(param, dtype=jnp.uint8),
+                          _blocks.zeros_blocks(param, block_size), signed, block_size)
   if fill == 0.0:
-    # absmax 0 makes every code dequantize to exactly 0.
-    return QuantizedMoment(jnp.zeros_like(param, dtype=jnp.uint8),
-                           jnp.zeros((nblocks,), jnp.float32), signed, block_size)
-  return write_moment(QuantizedMoment(jnp.zeros_like(param, dtype=jnp.uint8),
-                                      jnp.zeros((nblocks,), jnp.float32), signed, block_size),
-                      jnp.full(param.shape, fill, jnp.float32))
+    return zeros  # absmax 0 makes every code dequantize to exactly 0.
+  return write_moment(zeros, jnp.full_like(param, fill, dtype=jnp.float32))
 
 
 def read_moment(m: Moment) -> jax.Array:
   """float32 values of a moment (dequantized when 8-bit)."""
   if not isinstance(m, QuantizedMoment):
     return m
-  return dequantize_blocks(m.q, m.absmax, _code(m.signed), m.block_size).reshape(m.q.shape)
+  return dequantize_blocks(m.q, m.absmax.reshape(-1), _code(m.signed),
+                           m.block_size).reshape(m.q.shape)
 
 
 def _requantize(new: jax.Array, signed: bool, valid=None) -> tuple[jax.Array, jax.Array]:
@@ -145,11 +146,12 @@ def update_moments(fn: Callable[..., tuple[jax.Array, ...]], inputs: Sequence[ja
     news = [_requantize(x, m.signed, valid) for x, m in zip(news, moments)]
     return [q for q, _ in news], [a for _, a in news]
 
-  qs, absmaxes = map_blocks(chunk, [x.reshape(-1) for x in inputs], [],
-                            [m.q.reshape(-1) for m in moments], [m.absmax for m in moments],
-                            moments[0].block_size)
-  return tuple(QuantizedMoment(q.reshape(m.q.shape), a, m.signed, m.block_size)
-               for q, a, m in zip(qs, absmaxes, moments))
+  qs, absmaxes = _blocks.map_grouped(chunk, [x.reshape(-1) for x in inputs],
+                                     [m.q.reshape(-1) for m in moments],
+                                     [m.absmax.reshape(-1) for m in moments],
+                                     moments[0].block_size)
+  return tuple(QuantizedMoment(q.reshape(m.q.shape), a.reshape(m.absmax.shape), m.signed,
+                               m.block_size) for q, a, m in zip(qs, absmaxes, moments))
 
 
 def write_moment(old: Moment, new: jax.Array) -> Moment:

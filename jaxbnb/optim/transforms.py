@@ -24,6 +24,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxbnb import _backend, _explicit
+from jaxbnb.optim import _blocks
 from jaxbnb.optim.fourbit_state import Blockwise4bit, Rank1Moment, is_4bit
 from jaxbnb.optim.state import (MaskOrFn, QuantizedMoment, _code, check_block_size,
                                 init_moment, read_moment, runtime_zero, update_moments,
@@ -54,21 +55,20 @@ def _is_moment(x) -> bool:
   return isinstance(x, QuantizedMoment) or is_4bit(x)
 
 
-def _moment_spec(mesh, g, m):
-  """Spec of ``g``'s moment ``m``: shaped like ``g``, it shards like ``g``; its block-absmax
-  stream follows ``g``'s leading-axis shards when no block straddles them."""
-  spec = _explicit.spec_of(g, g.ndim)
+def _moment_spec(mesh, g, m, spec=None):
+  """Spec of ``g``'s moment ``m``: shaped like ``g``, it shards like ``g`` (``spec``, default
+  ``g``'s type's); its block scales follow ``g``'s shards where no block straddles them
+  (``jaxbnb.optim._blocks.block_spec``)."""
+  spec = _explicit.spec_of(g, g.ndim) if spec is None else tuple(spec)
   if not _is_moment(m):
     return P(*spec) if tuple(m.shape) == tuple(g.shape) else P(*(None,) * len(m.shape))
-  rows = _explicit.leading(spec, tuple(range(g.ndim)))
-  n_rows = g.shape[0] if g.ndim else 1
-  n_cols = g.size // n_rows if n_rows else 0
   if isinstance(m, Rank1Moment):  # rows of codes follow g's axis 0; each maximum its axis
+    rows = _explicit.leading(spec, tuple(range(g.ndim)))
     return Rank1Moment(P(rows, None), tuple(P(a) for a in spec), m.shape)
-  absmax = _explicit.stream(mesh, rows, n_rows, n_cols, m.absmax.shape[0], m.block_size)
+  blocks = _blocks.block_spec(mesh, g.shape, spec, m.block_size)
   if isinstance(m, Blockwise4bit):
-    return Blockwise4bit(P(absmax, None), P(absmax), m.signed, m.block_size, m.shape)
-  return QuantizedMoment(P(*spec), P(absmax), m.signed, m.block_size)
+    return Blockwise4bit(P(*blocks, None), P(*blocks), m.signed, m.block_size, m.shape)
+  return QuantizedMoment(P(*spec), P(*blocks), m.signed, m.block_size)
 
 
 def _state_specs(mesh, like, state):
@@ -159,9 +159,9 @@ def _fused(kind, interpret, scalars, g, *moments):
     return None
   block_size = moments[0].block_size
   u, new = _kernel.update_8bit(
-      g, [(m.q, m.absmax) for m in moments], [_code(m.signed) for m in moments],
+      g, [(m.q, m.absmax.reshape(-1)) for m in moments], [_code(m.signed) for m in moments],
       _kernel.scalar_vector(scalars), kind=kind, block_size=block_size, interpret=interpret)
-  return (u, *(QuantizedMoment(q, a, m.signed, m.block_size)
+  return (u, *(QuantizedMoment(q, a.reshape(m.absmax.shape), m.signed, m.block_size)
                for (q, a), m in zip(new, moments)))
 
 
