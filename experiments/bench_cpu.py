@@ -14,8 +14,8 @@ One run prints one table (and ``--json OUT`` writes it):
 
 Method: per call. Each call returns a fresh output (no fori_loop reusing its output), is
 waited for (``block_until_ready``), and is timed alone; the variants of one row run
-interleaved (round-robin) so that load from other processes hits them alike; the median over
-the repeats. Columns: median ms; ratios to optax.adamw (optimizer rows), to dense f32 and bf16
+interleaved (in a fresh order each round) so that load from other processes hits them alike;
+the median over the repeats. Columns: median ms; ratios to optax.adamw (optimizer rows), to dense f32 and bf16
 ``x @ W`` (matmul rows) and to bitsandbytes; GB/s of the bytes the op must move (read + write,
 e.g. NF4 matmul: packed W + absmax + x + y) and that as a share of a memcpy measured in the same
 run (the faster of a numpy and a jax copy of 256 MiB, read + write counted); the compiled
