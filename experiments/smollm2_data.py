@@ -11,7 +11,10 @@ paragraphs of every Python docs topic (`pydoc_data`, inside every Python). Lady 
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
+import time
 
 import jax
 import numpy as np
@@ -65,13 +68,42 @@ def windows(tok, texts: dict[str, str], seq: int, per_text: dict[str, int]):
   return np.stack(rows), names
 
 
+# One fused pass over the (B, T, vocab) float32 logits (400 MB at 8 x 256) instead of eager
+# log_softmax, gather and sum ops, each a full pass of its own.
+_nll = jax.jit(_text_nll)
+
+
 def window_nll(model, rows: np.ndarray, batch: int = 8, desc: str = "") -> np.ndarray:
   """Summed next-token NLL per window, float64 ``(N,)``; ``model(tokens (B, T))`` -> logits."""
   out = []
   for i in tqdm(range(0, len(rows), batch), desc=desc or "windows", leave=False):
     chunk = rows[i:i + batch]
-    out.append(np.asarray(_text_nll(model(chunk[:, :-1]), chunk[:, 1:]), np.float64))
+    out.append(np.asarray(_nll(model(chunk[:, :-1]), chunk[:, 1:]), np.float64))
   return np.concatenate(out)
+
+
+class RunClock:
+  """Wall time, this process's CPU time (all threads) and the machine's load while a run goes:
+  the 2 cores are shared, so wall time alone overstates what a run costs on an idle machine.
+  ``summary()`` -> JSON-ready dict; the 1-minute load average is sampled every 30 s."""
+
+  def __init__(self, every: float = 30.0):
+    self.wall, self.cpu, self.load0 = time.perf_counter(), time.process_time(), os.getloadavg()
+    self.samples = [self.load0[0]]
+    self._stop = threading.Event()
+    def sample():
+      while not self._stop.wait(every):
+        self.samples.append(os.getloadavg()[0])
+    threading.Thread(target=sample, daemon=True).start()
+
+  def summary(self) -> dict:
+    wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+    self.samples.append(os.getloadavg()[0])
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_over_wall": cpu / wall, "nice": os.nice(0),
+            "cpus": os.cpu_count(), "load_avg_start": list(self.load0),
+            "load_avg_end": list(os.getloadavg()),
+            "load_1min_mean": float(np.mean(self.samples)),
+            "load_1min_max": float(np.max(self.samples))}
 
 
 def ppl_by_text(nll: np.ndarray, names: list[str], seq: int) -> dict[str, float]:

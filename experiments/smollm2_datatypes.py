@@ -35,7 +35,8 @@ import numpy as np
 import jaxbnb
 from plotting import add_output_args, resolve_output, save_figure
 from qlora_datatypes import PAPER_MEAN_PPL, _table
-from smollm2_data import heldout_texts, load_smollm2, ppl_by_text, window_nll, windows
+from smollm2_data import (RunClock, heldout_texts, load_smollm2, ppl_by_text, window_nll,
+                          windows)
 from smollm2_quality import MODULES, fake_quant, kernel, mix, with_params
 
 TABLES = {"Int4": _table(np.arange(-7, 8)),
@@ -115,7 +116,9 @@ def main():
   parser.add_argument("--seq", type=int, default=256, help="tokens predicted per window")
   parser.add_argument("--kjv-windows", type=int, default=240)
   parser.add_argument("--docs-windows", type=int, default=160)
-  parser.add_argument("--sweep-windows", type=int, default=24,
+  # 16 windows per text (8,192 tokens per sweep point) keeps the full mode within 30 min on 2
+  # idle cores: 7 formats x 102,400 tokens at ~520 tokens/s is ~23 min of it.
+  parser.add_argument("--sweep-windows", type=int, default=16,
                       help="the blocksize sweep scores the first this many windows of each text")
   parser.add_argument("--sweep", default="NF4,FP4 (E2M1)", help="formats swept over blocksizes")
   parser.add_argument("--batch", type=int, default=8)
@@ -123,10 +126,11 @@ def main():
   args = parser.parse_args()
   write = resolve_output(args, "smollm2_datatypes")
   if args.replot:
+    report(json.loads(args.out.read_text()))  # the tables, for docs/RESULTS.md
     save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
                 args.out.with_suffix(".png"), figsize=(12.0, 4.4))
     return
-  start = time.perf_counter()
+  start, clock = time.perf_counter(), RunClock()
   formats, sizes = FORMATS, (32, 64, 128, 256)
   if args.quick:
     args.seq, args.kjv_windows, args.docs_windows, args.sweep_windows = 64, 2, 2, 1
@@ -188,13 +192,21 @@ def main():
               "model": "SmolLM2-135M-Instruct (GGUF Q4_1 linear weights, dequantized = float)",
               "seq": args.seq, "tokens": {k: v * args.seq for k, v in per_text.items()},
               "sweep_tokens": len(first) * args.seq, "blocksize": 64, "paper_mean_ppl": PAPER,
-              "seconds": time.perf_counter() - start})
+              "seconds": time.perf_counter() - start, "timing": clock.summary(),
+              "forward_compilations": _compilations()})
   report(res)
   if write:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
                 args.out.with_suffix(".png"), figsize=(12.0, 4.4))
+
+
+def _compilations() -> int:
+  """How many times jaxbnb.models' forward compiled: the float and fake-quantized models share
+  one compilation (their params are arguments), LLM.int8()'s packed params add one."""
+  from jaxbnb.models import causal_lm
+  return int(causal_lm._forward._cache_size())
 
 
 def _device() -> str:
@@ -224,7 +236,10 @@ def report(res: dict) -> None:
     if name != FLOAT:
       print(f"  {name:<14}" + "  ".join(f"bs{bs}: {v['ppl']:.4f} ({v['bits_per_param']:.2f} b)"
                                         for bs, v in row.items()))
-  print(f"({res['seconds']:.0f} s on {res['device']})")
+  t = res.get("timing")
+  print(f"({res['seconds']:.0f} s on {res['device']}" + (
+      f"; CPU {t['cpu_s']:.0f} s, load {t['load_1min_mean']:.1f} mean, nice {t['nice']})"
+      if t else ")"))
 
 
 def plot(fig, data):

@@ -34,8 +34,8 @@ import numpy as np
 import jaxbnb
 from llm_int8_outliers import ALPHA, LAYER_FRAC, PAPER, POS_FRAC, _absmax, fake_quant
 from plotting import add_output_args, resolve_output, save_figure
-from smollm2_data import (heldout_texts, llama_forward, load_smollm2, ppl_by_text, window_nll,
-                          windows)
+from smollm2_data import (RunClock, heldout_texts, llama_forward, load_smollm2, ppl_by_text,
+                          window_nll, windows)
 from smollm2_datatypes import _device
 
 SCHEMES = ("absmax", "zero-point", "row-wise", "vector-wise")
@@ -152,10 +152,11 @@ def main():
   args = parser.parse_args()
   write = resolve_output(args, "smollm2_int8_outliers")
   if args.replot:
+    report(json.loads(args.out.read_text()))  # the tables, for docs/RESULTS.md
     save_figure(lambda fig: plot(fig, json.loads(args.out.read_text())),
                 args.out.with_suffix(".png"), figsize=(15.0, 4.4))
     return
-  start = time.perf_counter()
+  start, clock = time.perf_counter(), RunClock()
   thresholds = tuple(float(t) for t in args.thresholds.split(","))
   if args.quick:
     args.seq, args.windows, thresholds = 32, 1, (1.0, 6.0)
@@ -191,7 +192,8 @@ def main():
          "seq": args.seq, "tokens": {k: v * args.seq for k, v in per_text.items()},
          "batch": args.batch, "thresholds": list(thresholds),
          "outlier_rule": {"magnitude": ALPHA, "layer_frac": LAYER_FRAC, "pos_frac": POS_FRAC},
-         "ppl": ppl, **stats, "paper": PAPER, "seconds": time.perf_counter() - start}
+         "ppl": ppl, **stats, "paper": PAPER, "seconds": time.perf_counter() - start,
+         "timing": clock.summary()}
   report(res)
   if write:
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +227,9 @@ def report(res: dict) -> None:
           + f"   max |x| {r[INPUTS[0]]['max_abs']:.1f} / {r[INPUTS[2]]['max_abs']:.1f}")
   print("decomposed input dims per threshold: " + ", ".join(
       f"{t}: {100 * v:.2f}%" for t, v in res["decomposed_frac"].items()))
-  print(f"({res['seconds']:.0f} s on {res['device']})")
+  t = res.get("timing", {})
+  print(f"({res['seconds']:.0f} s on {res['device']}"
+        + (f"; CPU {t['cpu_s']:.0f} s, load {t['load_1min_mean']:.1f} mean)" if t else ")"))
 
 
 def plot(fig, data):

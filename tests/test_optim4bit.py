@@ -256,3 +256,24 @@ def test_experiment_quick(tmp_path):
   bytes_ = [rows[k]["state_bytes_per_param"] for k in ("AdamW 4-bit", "AdamW 8-bit", "AdamW 32-bit")]
   assert bytes_[0] < 0.6 * bytes_[1] and bytes_[1] < 0.3 * bytes_[2]
   assert all(np.isfinite(r["final_loss_mean"]) for r in rows.values())
+
+
+@pytest.mark.slow
+def test_gpt_experiment_quick(tmp_path):
+  """experiments/optim4bit_gpt.py --quick: the GPT finetune rows, their bytes and losses."""
+  out = tmp_path / "optim4bit_gpt.json"
+  subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "optim4bit_gpt.py"),
+                  "--quick", "--out", str(out)], check=True, cwd=ROOT, timeout=600)
+  import json
+  data = json.loads(out.read_text())
+  rows = {r["optimizer"]: r for r in data["results"]}
+  assert list(rows) == ["AdamW 32-bit", "AdamW 8-bit", "AdamW 4-bit"]
+  b4, b8, b32 = (rows[k]["state_bytes"] for k in ("AdamW 4-bit", "AdamW 8-bit", "AdamW 32-bit"))
+  assert b4 < 0.6 * b8 and b8 < 0.3 * b32
+  assert abs(rows["AdamW 32-bit"]["state_bytes_per_param"] - 8) < 0.01  # + step counters
+  for r in rows.values():
+    assert len(r["held_out_loss"]["per_seed"]) == data["config"]["seeds"]
+    assert np.all(np.isfinite(r["train_loss"])) and r["step_ms"] > 0
+    assert r["held_out_loss"]["mean"] < r["held_out_before"]  # finetuning helps
+    assert r["held_out_vs_32bit"] < 1.05
+  assert data["load_average_1min"]["start"] >= 0 and "jax" in data["device"]
