@@ -38,6 +38,7 @@ from tqdm import trange
 
 from jaxbnb import optim
 from jaxbnb.models.gpt import GPTConfig, next_token_loss
+from benchlib import device_name
 from plotting import add_output_args, resolve_output, save_figure
 from qlora_finetune import ROOT, kjv, pretrain
 
@@ -180,8 +181,7 @@ def main():
     r["held_out_vs_32bit"] = r["held_out_loss"]["mean"] / ref["held_out_loss"]["mean"]
     r["state_vs_32bit"] = r["state_bytes"] / ref["state_bytes"]
     r["step_time_vs_32bit"] = r["step_ms"] / ref["step_ms"]
-  device = (f"{jax.devices()[0].platform}: {os.cpu_count()}-core {_cpu_name()}, "
-            f"jax {jax.__version__}")
+  device = f"{device_name(jax.devices()[0])}, jax {jax.__version__}"
   total = time.perf_counter() - start
 
   print(f"\nbyte-level GPT {args.layers} x {args.width} ({n_params / 1e6:.2f}M params), pretrained "
@@ -212,17 +212,6 @@ def main():
           "seconds": total, "results": rows}
   args.out.write_text(json.dumps(data, indent=1))
   save_figure(lambda fig: plot(fig, data), args.out.with_suffix(".png"), figsize=(11.0, 4.0))
-
-
-def _cpu_name() -> str:
-  """The CPU's model name from /proc/cpuinfo (Linux), or ''."""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
 
 
 def plot(fig, data):
