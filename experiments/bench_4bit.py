@@ -32,8 +32,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
-from benchlib import device_time_ms
+from benchlib import attempt, device_time_ms
 
 M_GRID = (1, 4, 16, 64, 512, 4096)
 SHAPES = ("4096x4096", "8192x8192", "14336x4096", "4096x14336")  # N x K of W (out, in)
@@ -100,27 +101,37 @@ def jax_rows(args):
           fns["pallas-2st"] = two_stage
         if not dq:
           fns["bf16"] = bf16
+        wall = {}
         for name, fn in fns.items():
-          out[(n, k, m, dq, name)] = device_time_ms(fn, x, args.iters, args.repeats)
+          t0 = time.perf_counter()  # compile + warm-up + timed loops: tells a slow compile apart
+          out[(n, k, m, dq, name)] = attempt(f"{name} {n}x{k} M={m} dq={dq}", device_time_ms,
+                                             fn, x, args.iters, args.repeats)
+          wall[name] = time.perf_counter() - t0
         want = bf16(x).astype(jnp.float32)
-        errs[(n, k, m, dq)] = float(jnp.max(jnp.abs(pallas(x).astype(jnp.float32) - want)))
+        errs[(n, k, m, dq)] = attempt(
+            f"pallas check {n}x{k} M={m}", lambda: float(jnp.max(jnp.abs(
+                pallas(x).astype(jnp.float32) - want))))
+        # a line per cell as it is measured: a run cut short still leaves its numbers
+        print(f"[{n}x{k} M={m} dq={int(dq)}: ms (wall s) " + ", ".join(
+            f"{name} {out[(n, k, m, dq, name)]} ({wall[name]:.1f})" for name in fns) + "]",
+              flush=True)
   # dequantize / quantize at the first shape (8192^2 in the full grid)
   n, k = map(int, args.shapes[min(1, len(args.shapes) - 1)].split("x"))
   w = jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16)
   q, state = fourbit.quantize_4bit(w, bs, "nf4")
   packed = fourbit.storage_bytes(q)
-  out["dequant"] = device_time_ms(
+  out["dequant"] = attempt("pallas dequant", device_time_ms,
       lambda a: dq_kernel.dequantize_4bit(packed, a, n=n * k, blocksize=bs, quant_type="nf4",
                                           out_dtype=jnp.bfloat16, interpret=interp),
       state.absmax, args.iters, args.repeats)
   # Both outputs are returned (the loop carry), so neither op can be trimmed to its absmax.
-  out["quant"] = device_time_ms(
+  out["quant"] = attempt("pallas quant", device_time_ms,
       lambda x: qk.quantize_4bit(x, blocksize=bs, quant_type="nf4", interpret=interp),
       w, args.iters, args.repeats)
-  out["dequant_xla"] = device_time_ms(
+  out["dequant_xla"] = attempt("xla dequant", device_time_ms,
       lambda a: fourbit.dequantize_4bit(q, dataclasses.replace(state, absmax=a)),
       state.absmax, args.iters, args.repeats)
-  out["quant_xla"] = device_time_ms(
+  out["quant_xla"] = attempt("xla quant", device_time_ms,
       lambda x: (lambda q, st: (q, st.absmax))(*fourbit.quantize_4bit(x, bs, "nf4")), w,
       args.iters, args.repeats)
   out["dq_shape"] = (n, k)
@@ -227,14 +238,17 @@ def report(args, jx, errs, tb, gbps):
           print(f"{m:>5} {'y' if dq else 'n':>3} {op:<11}{ms:>9.4f}{gb:>9.1f}"
                 f"{100 * gb / gbps:>7.1f}{tf:>9.1f}{fmt(ms / bnb_ms if bnb_ms else None, 8, 2)}"
                 f"{fmt(ms / bf if bf else None, 8, 2)}")
-        print(f"{'':>10}max |pallas - bf16(dequantized W)| = {errs[(n, k, m, dq)]:.3g}")
+        err = errs.get((n, k, m, dq))
+        print(f"{'':>10}max |pallas - bf16(dequantized W)| = "
+              f"{'failed' if err is None else f'{err:.3g}'}")
   n, k = jx["dq_shape"]
   print(f"\n({n}, {k}) bs {bs}: ms    (targets on an H100 8192^2: dequant <= 0.075, "
         f"quant <= 0.10)")
   for name in ("dequant", "quant"):
     b = tb.get(name)
-    print(f"  {name:<8} pallas {jx[name]:.4f}   xla {jx[name + '_xla']:.4f}   bnb "
-          f"{fmt(b, 6)}   pallas/bnb {fmt(jx[name] / b if b else None, 5, 2)}")
+    pl = jx[name]
+    print(f"  {name:<8} pallas {fmt(pl, 6)}   xla {fmt(jx[name + '_xla'], 6)}   bnb "
+          f"{fmt(b, 6)}   pallas/bnb {fmt(pl / b if b and pl else None, 5, 2)}")
 
 
 def main():

@@ -41,7 +41,7 @@ from jaxbnb import ops  # noqa: E402
 from jaxbnb.qtensor import Quantized8bit  # noqa: E402
 from jaxbnb.functional import int8 as F  # noqa: E402
 from pallas_kernels import int8_matmul as im  # noqa: E402
-from benchlib import device_time_ms, peak_gbps  # noqa: E402
+from benchlib import attempt, device_time_ms, peak_gbps  # noqa: E402
 
 
 # Runs in a subprocess (torch and JAX in one process fight over GPU memory): times bnb's
@@ -160,17 +160,19 @@ def main():
     xla = lambda x: ops.int8_matmul(x, qw, threshold=thr, backend="xla")
     bf16 = lambda x: jax.lax.dot_general(x.astype(jnp.bfloat16), wb, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-    err = float(jnp.max(jnp.abs(pallas(x).astype(jnp.float32) - xla(x).astype(jnp.float32))))
-    t = {name: device_time_ms(fn, x, args.iters, args.repeats)
+    err = attempt(f"pallas check M={m} {n}x{k}", lambda: float(jnp.max(jnp.abs(
+        pallas(x).astype(jnp.float32) - xla(x).astype(jnp.float32)))))
+    t = {name: attempt(f"{name} M={m} {n}x{k} thr={thr:g}", device_time_ms, fn, x, args.iters,
+                       args.repeats)
          for name, fn in (("pallas", pallas), ("xla", xla), ("bf16", bf16))}
     t_bnb = bnb.get(f"{m},{n},{k},{thr},{frac}")
     nbytes = n * k + 4 * n + 2 * m * k + 2 * m * n
-    pct = f"{100 * nbytes / t['pallas'] / 1e6 / peak:.0f}" if peak else "-"
+    pct = f"{100 * nbytes / t['pallas'] / 1e6 / peak:.0f}" if peak and t["pallas"] else "-"
     f = lambda v: f"{v:9.4f}" if v is not None else f"{'-':>9}"
-    r = lambda a, b: f"{a / b:8.2f}" if b else f"{'-':>8}"
+    r = lambda a, b: f"{a / b:8.2f}" if a and b else f"{'-':>8}"
     print(f"{m:>5}{n:>7}{k:>7}{thr:>5g}{100 * frac:>7.2g}{f(t['pallas'])}{f(t['xla'])}"
           f"{f(t_bnb)}{f(t['bf16'])}{r(t['pallas'], t_bnb)}{r(t['pallas'], t['bf16'])}"
-          f"{r(t['pallas'], t['xla'])}{pct:>6}{err:>13.3g}")
+          f"{r(t['pallas'], t['xla'])}{pct:>6}{err if err is not None else float('nan'):>13.3g}")
   if bnb:
     print("torch bf16 matmul (same subprocess, CUDA events), ms: "
           + ", ".join(f"{k[5:]}: {v:.4f}" for k, v in bnb.items() if k.startswith("bf16,")))

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchlib import device_name, peak_gbps
+from benchlib import attempt, device_name, peak_gbps
 from jaxbnb import optim
 
 
@@ -176,10 +176,12 @@ def main():
   n = args.tensors * args.side * args.side
   rows = {}
   for name, init, update, bpp in rows_to_run(on_gpu, args.quick, args.no_pallas):
-    t, sb, mem = time_steps(init, update, params, args.steps, args.repeats)
-    rows[name] = (t, sb, n * bpp + 2 * sb, mem)
-  torch_rows = {} if args.no_torch else time_torch(args.tensors, args.side, args.steps,
-                                                   args.repeats)
+    res = attempt(name, time_steps, init, update, params, args.steps, args.repeats)
+    if res is not None:
+      t, sb, mem = res
+      rows[name] = (t, sb, n * bpp + 2 * sb, mem)
+  torch_rows = {} if args.no_torch else (
+      attempt("torch rows", time_torch, args.tensors, args.side, args.steps, args.repeats) or {})
   peak = peak_gbps(dev)
   base = rows["optax adamw (fp32 state)"][0]
   interp = "" if on_gpu or not any("pallas" in k for k in rows) else (

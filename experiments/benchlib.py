@@ -32,6 +32,17 @@ def device_name(device) -> str:
   return f"CPU {model or device.device_kind}, {os.cpu_count()} cores"
 
 
+def attempt(label: str, fn: Callable, *args):
+  """``fn(*args)``, or None after printing one line naming ``label`` and the error: one variant
+  that fails to compile or run (a kernel's first GPU run, say) must not lose a whole table."""
+  try:
+    return fn(*args)
+  except Exception as e:  # noqa: BLE001 - reported, and the table goes on without this cell
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"[{label} failed: {type(e).__name__}: {first}]", flush=True)
+    return None
+
+
 def device_time_ms(fn: Callable, x, iters: int, repeats: int) -> float:
   """Median ms per call of ``fn(x)`` over ``repeats`` runs of an ``iters``-step fori_loop.
 

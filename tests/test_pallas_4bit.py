@@ -460,27 +460,32 @@ def test_nested_kernels_lower_for_cuda_triton():
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_ops_dispatch_to_pallas_gemv(quant_type):
   """matmul_4bit(backend="pallas") runs the GEMV kernel (interpret mode here) and agrees with the
-  XLA path, gradients included; shapes no kernel covers fall back to XLA."""
+  XLA path, gradients included; shapes no kernel covers fall back to XLA.
+
+  Both at float32 precision: the kernels' float32 dots are IEEE (Precision.HIGHEST), while the
+  XLA path follows JAX's default matmul precision, TF32 on a GPU (seen on an H100, 2026-11-27:
+  differences of ~1e-3 relative)."""
   import jaxbnb
   from jaxbnb import qtensor
-  w = qtensor.quantize_4bit_array(jax.random.normal(jax.random.key(0), (256, 128)) * 0.05,
-                                  transposed=True, quant_type=quant_type)
-  x = jax.random.normal(jax.random.key(1), (3, 256))
-  y_xla = jaxbnb.matmul_4bit(x, w, backend="xla")
-  y_pl = jaxbnb.matmul_4bit(x, w, backend="pallas")
-  np.testing.assert_allclose(np.asarray(y_pl), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
-  g_xla = jax.grad(lambda x: jaxbnb.matmul_4bit(x, w, backend="xla").sum())(x)
-  g_pl = jax.grad(lambda x: jaxbnb.matmul_4bit(x, w, backend="pallas").sum())(x)
-  np.testing.assert_array_equal(np.asarray(g_pl), np.asarray(g_xla))
-  big = jax.random.normal(jax.random.key(2), (40, 256))  # M > 16: the GEMM kernel
-  assert "pallas_call" in str(jax.make_jaxpr(
-      lambda x: jaxbnb.matmul_4bit(x, w, backend="pallas"))(big))
-  # float32 sums in another order (K tiles of 16 for float32 x): an absolute term for the
-  # outputs that cancel to near 0.
-  np.testing.assert_allclose(np.asarray(jaxbnb.matmul_4bit(big, w, backend="pallas")),
-                             np.asarray(jaxbnb.matmul_4bit(big, w, backend="xla")), rtol=1e-6,
-                             atol=1e-5)
-  # A Flax-style x @ kernel through qdot_general reaches the kernels too.
-  y_q = jaxbnb.qdot_general(big, w, (((1,), (0,)), ((), ())), backend="pallas")
-  np.testing.assert_allclose(np.asarray(y_q), np.asarray(jaxbnb.matmul_4bit(big, w)), rtol=1e-6,
-                             atol=1e-5)
+  with jax.default_matmul_precision("highest"):
+    w = qtensor.quantize_4bit_array(jax.random.normal(jax.random.key(0), (256, 128)) * 0.05,
+                                    transposed=True, quant_type=quant_type)
+    x = jax.random.normal(jax.random.key(1), (3, 256))
+    y_xla = jaxbnb.matmul_4bit(x, w, backend="xla")
+    y_pl = jaxbnb.matmul_4bit(x, w, backend="pallas")
+    np.testing.assert_allclose(np.asarray(y_pl), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
+    g_xla = jax.grad(lambda x: jaxbnb.matmul_4bit(x, w, backend="xla").sum())(x)
+    g_pl = jax.grad(lambda x: jaxbnb.matmul_4bit(x, w, backend="pallas").sum())(x)
+    np.testing.assert_array_equal(np.asarray(g_pl), np.asarray(g_xla))
+    big = jax.random.normal(jax.random.key(2), (40, 256))  # M > 16: the GEMM kernel
+    assert "pallas_call" in str(jax.make_jaxpr(
+        lambda x: jaxbnb.matmul_4bit(x, w, backend="pallas"))(big))
+    # float32 sums in another order (K tiles of 16 for float32 x): an absolute term for the
+    # outputs that cancel to near 0.
+    np.testing.assert_allclose(np.asarray(jaxbnb.matmul_4bit(big, w, backend="pallas")),
+                               np.asarray(jaxbnb.matmul_4bit(big, w, backend="xla")), rtol=1e-6,
+                               atol=1e-5)
+    # A Flax-style x @ kernel through qdot_general reaches the kernels too.
+    y_q = jaxbnb.qdot_general(big, w, (((1,), (0,)), ((), ())), backend="pallas")
+    np.testing.assert_allclose(np.asarray(y_q), np.asarray(jaxbnb.matmul_4bit(big, w)), rtol=1e-6,
+                               atol=1e-5)

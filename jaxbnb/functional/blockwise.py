@@ -58,6 +58,34 @@ _SUM_SCALE = np.float32(2.0**-32)
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 
 
+def _recip_rn(a: jax.Array) -> jax.Array:
+  """float32 ``1 / a``, correctly rounded (to nearest, ties to even), from integer arithmetic.
+
+  Exact wherever ``1 / a`` is a normal float (``a`` normal, ``|a| <= 2**126``), whatever the
+  backend's float division does; elsewhere (0, subnormal, larger, inf, NaN) the plain ``1 / a``.
+  """
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  e = (bits >> 23) & jnp.uint32(0xFF)
+  m = (bits & jnp.uint32(0x7FFFFF)) | jnp.uint32(0x800000)
+  # |a| = m * 2**(e - 150), so 1 / |a| = (2**47 / m) * 2**(103 - e), 2**23 < 2**47 / m <= 2**24.
+  # Long division of 2**47 by m in uint32: 2**31 // m < 2**8 first, then 8 bits at a time
+  # (rem < m < 2**24, so rem << 8 and d * m stay below 2**32).
+  top = jnp.uint32(2**31)
+  q = jax.lax.div(top, m)
+  rem = top - q * m
+  for _ in range(2):
+    rem = rem << 8
+    d = jax.lax.div(rem, m)
+    rem, q = rem - d * m, (q << 8) | d
+  q = q + ((2 * rem > m) | ((2 * rem == m) & ((q & 1) == 1))).astype(jnp.uint32)
+  # q in [2**23, 2**24]: q - 2**23 is the mantissa field and q == 2**24 (|a| a power of 2)
+  # carries into the biased exponent 253 - e. Below 2**23 the result would be subnormal.
+  mag = ((253 - e.astype(jnp.int32)) << 23) + (q.astype(jnp.int32) - (1 << 23))
+  exact = (e >= 1) & (mag >= (1 << 23))
+  out = jax.lax.bitcast_convert_type(mag, jnp.uint32) | (bits & jnp.uint32(0x80000000))
+  return jnp.where(exact, jax.lax.bitcast_convert_type(out, jnp.float32), jnp.float32(1) / a)
+
+
 def reciprocal(absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(rcp, post)``, float32 like ``absmax``: ``x * rcp * post`` is bnb's ``x * (1 / absmax)``.
 
@@ -65,10 +93,14 @@ def reciprocal(absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
   back as 0): there ``rcp = 1 / (absmax * 2**-64)`` and ``post = 2**-64``, powers of two that
   give the same rounding. Elsewhere ``post`` is 1 (exact), so the bits are bnb's. A zero absmax
   (all-zero block) gets ``rcp = 1`` (bnb's 0 * inf would give NaN codes there).
+
+  Off CPU the division is :func:`_recip_rn`: XLA:GPU's fused f32 division is not correctly
+  rounded (1-ulp reciprocals flipped FP4 codes on an H100, 2026-11-27). XLA:CPU's is.
   """
   huge = absmax > _HUGE
   safe = jnp.where(absmax == 0, jnp.float32(1), absmax)
-  rcp = jnp.float32(1) / jnp.where(huge, safe * _RESCALE, safe)
+  rcp = jax.lax.platform_dependent(jnp.where(huge, safe * _RESCALE, safe),
+                                   cpu=lambda a: jnp.float32(1) / a, default=_recip_rn)
   return rcp, jnp.where(huge, _RESCALE, jnp.float32(1))
 
 
