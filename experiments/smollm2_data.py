@@ -163,5 +163,6 @@ def llama_forward(params, tokens, config, linear, adapters=None, stats: bool = F
 
   x, per_layer = jax.lax.scan(layer, x, (params["layers"], adapters))
   h = rms(x, params["norm"]["scale"])
-  logits = (h @ emb.T.astype(h.dtype)).astype(jnp.float32)
+  # float32 out: the same values for f32 h, and a fast backward for bf16 h (smollm2_qlora.py)
+  logits = jnp.dot(h, emb.T.astype(h.dtype), preferred_element_type=jnp.float32)
   return (logits, per_layer) if stats else logits
