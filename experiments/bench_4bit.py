@@ -273,6 +273,9 @@ def main():
   # torch/bnb first: before JAX takes the GPU (it preallocates most of its memory), and so
   # the two processes never share the GPU while timing.
   tb = bnb_rows(args)
+  if tb:  # now, not only in the final table: a run cut short keeps bitsandbytes' side
+    print("bnb side (ms): " + ", ".join(
+        f"{k} {v:.4f}" for k, v in tb.items() if isinstance(v, float)), flush=True)
   import jax
   dev = jax.devices()[0]
   if dev.platform != "gpu" and not args.interpret:
